@@ -1,0 +1,121 @@
+"""The op surface: check -> dispatch. Every backend is reached through these functions.
+
+Checks that every backend needs (pattern, dtype, shapes, devices, finite weights) live here, so
+each backend receives valid inputs and answers only what is specific to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch, reference
+from .formats import NMSparseWeight, check_layout
+from .pattern import PatternLike, as_pattern, check_groups
+
+SELECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8)
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    nonfinite = reference.nonfinite(t)
+    if bool(nonfinite.any()):
+        bad = int(nonfinite.sum())
+        raise ValueError(
+            f"{what} has {bad} non-finite value(s) (NaN or Inf): N:M selection needs finite "
+            f"magnitudes; fix or clamp the {what} first (e.g. torch.nan_to_num)"
+        )
+
+
+def _check_selection_inputs(w, pattern, scores) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SELECT_DTYPES:
+        raise TypeError(
+            f"unsupported dtype {w.dtype} for N:M selection: use one of "
+            f"{', '.join(str(d) for d in SELECT_DTYPES)}"
+        )
+    check_groups(w.shape, pattern)
+    _check_finite(w, "weight")
+    if scores is not None:
+        if not isinstance(scores, torch.Tensor) or scores.shape != w.shape:
+            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"scores must be a tensor of the weight's shape {tuple(w.shape)}, got {got}")
+        if not scores.is_floating_point():
+            raise TypeError(f"scores must be floating point, got {scores.dtype}")
+        if scores.device != w.device:
+            raise ValueError(f"scores are on {scores.device} but the weight on {w.device}: move them")
+        _check_finite(scores, "scores")
+
+
+def nm_mask(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str | None = None) -> torch.Tensor:
+    """Bool mask with exactly n True per group of m along dim -1: the n largest |w| (or
+    ``scores``) of each group, ties to the lower index."""
+    pattern = as_pattern(pattern)
+    _check_selection_inputs(w, pattern, scores)
+    return dispatch.run("nm_mask", backend, w=w, pattern=pattern, scores=scores)
+
+
+def project(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str | None = None) -> torch.Tensor:
+    """``w`` with all but the selected n of every m values set to zero: the Euclidean projection
+    onto the N:M set when ``scores`` is None."""
+    pattern = as_pattern(pattern)
+    _check_selection_inputs(w, pattern, scores)
+    return dispatch.run("project", backend, w=w, pattern=pattern, scores=scores)
+
+
+def is_nm_sparse(z: torch.Tensor, pattern: PatternLike) -> bool:
+    """True when every group of m along dim -1 has at most n nonzeros."""
+    pattern = as_pattern(pattern)
+    check_groups(z.shape, pattern, "tensor")
+    return reference.is_nm_sparse(z, pattern)
+
+
+def compress(
+    w: torch.Tensor, pattern: PatternLike, layout: str = "packed", scores=None, *, backend: str | None = None
+) -> NMSparseWeight:
+    """Select as :func:`nm_mask` does and keep only the selected values plus their indices."""
+    pattern = as_pattern(pattern)
+    _check_selection_inputs(w, pattern, scores)
+    check_layout(w.dtype, w.shape, pattern, layout)
+    values, metadata = dispatch.run("compress", backend, w=w, pattern=pattern, layout=layout, scores=scores)
+    return NMSparseWeight(values, metadata, tuple(w.shape), pattern, layout, check_metadata=False)
+
+
+def decompress(sw: NMSparseWeight, *, backend: str | None = None) -> torch.Tensor:
+    """The dense weight: equal, bit for bit, to ``project`` of the weight that was compressed."""
+    if not isinstance(sw, NMSparseWeight):
+        raise TypeError(f"decompress takes an NMSparseWeight (from nxm.compress), got {type(sw).__name__}")
+    return dispatch.run("decompress", backend, sw=sw)
+
+
+def _check_sparse_mm(x, sw, bias) -> None:
+    if not isinstance(sw, NMSparseWeight):
+        raise TypeError(f"sparse_mm takes an NMSparseWeight (from nxm.compress), got {type(sw).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise TypeError("x must be a tensor of shape [..., in_features]")
+    if x.shape[-1] != sw.in_features:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension, but the weight is "
+            f"{sw.out_features}x{sw.in_features}: x must be [..., {sw.in_features}]"
+        )
+    if x.dtype != sw.dtype:
+        raise TypeError(f"x is {x.dtype} but the weight is {sw.dtype}: cast x (or the weight) to match")
+    if x.device != sw.device:
+        raise ValueError(f"x is on {x.device} but the weight on {sw.device}: move one of them")
+    if bias is not None:
+        want = torch.int32 if x.dtype == torch.int8 else x.dtype
+        if bias.shape != (sw.out_features,) or bias.dtype != want or bias.device != x.device:
+            raise ValueError(
+                f"bias must be {want} [{sw.out_features}] on {x.device}, got {bias.dtype} "
+                f"{list(bias.shape)} on {bias.device}"
+            )
+
+
+def sparse_mm(x: torch.Tensor, sw: NMSparseWeight, bias=None, *, backend: str | None = None) -> torch.Tensor:
+    """``x @ decompress(sw).T + bias`` for ``x`` of shape ``[..., in_features]``.
+
+    Half types accumulate in fp32 and return the input dtype; int8 x int8 returns int32.
+    """
+    _check_sparse_mm(x, sw, bias)
+    x2 = x.reshape(-1, sw.in_features)
+    y = dispatch.run("sparse_mm", backend, x=x2, sw=sw, bias=bias)
+    return y.reshape(*x.shape[:-1], sw.out_features)

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+import nxm_kernels as nxm
+from nxm_kernels import dispatch
+
+
+class _Refuses(dispatch.Backend):
+    name = "refuses"
+    ops = frozenset({"nm_mask"})
+
+    def not_supported_reasons(self, op, **inputs):
+        return ["it refuses everything"]
+
+
+@pytest.fixture
+def with_refusing_backend(monkeypatch):
+    backends = (_Refuses(),) + dispatch.registered_backends()
+    monkeypatch.setattr(dispatch, "registered_backends", lambda: backends)
+
+
+def test_backends_lists_reference():
+    assert nxm.backends()["reference"] is None
+    assert list(nxm.backends())[-1] == "reference"  # lowest priority
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'cuda9'.*choose 'auto' or one of"):
+        nxm.nm_mask(torch.ones(2, 4), "2:4", backend="cuda9")
+
+
+def test_explicit_backend_that_cannot_serve_raises(with_refusing_backend):
+    with pytest.raises(nxm.BackendNotSupported, match=r"backend 'refuses' cannot run nm_mask\(w=float32\[2, 4\] on cpu.*it refuses everything"):
+        nxm.nm_mask(torch.ones(2, 4), "2:4", backend="refuses")
+    with pytest.raises(nxm.BackendNotSupported, match="does not implement compress"):
+        nxm.compress(torch.ones(2, 4), "2:4", backend="refuses")
+
+
+def test_auto_skips_a_backend_with_reasons(with_refusing_backend):
+    assert dispatch.select("nm_mask", None, {"w": torch.ones(2, 4)}).name == "reference"
+
+
+def test_no_backend_can_serve_lists_every_reason(monkeypatch):
+    monkeypatch.setattr(dispatch, "registered_backends", lambda: (_Refuses(),))
+    with pytest.raises(nxm.BackendNotSupported, match=r"no backend can run nm_mask.*\n  refuses: it refuses everything"):
+        nxm.nm_mask(torch.ones(2, 4), "2:4")
+
+
+def test_env_override(monkeypatch, with_refusing_backend):
+    monkeypatch.setenv("NXM_BACKEND", "refuses")
+    with pytest.raises(nxm.BackendNotSupported, match="backend 'refuses'"):
+        nxm.nm_mask(torch.ones(2, 4), "2:4")
+    # An explicit argument beats the environment.
+    assert nxm.nm_mask(torch.ones(2, 4), "2:4", backend="reference").sum() == 4
