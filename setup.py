@@ -15,5 +15,5 @@ setup(
         "checkpoint": ["safetensors"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "numpy"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["nxm = nxm_kernels.cli:main"]},
 )
