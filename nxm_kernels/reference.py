@@ -86,7 +86,7 @@ def kept_indices(mask: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     for i in range(m):
         running += keep[:, i]
         idx += running[:, None] <= slots
-    return idx.long().reshape(mask.shape[0], -1, n)
+    return idx.long().reshape(mask.shape[0], mask.shape[-1] // m, n)
 
 
 # ---------------------------------------------------------------- packed layout
@@ -121,31 +121,32 @@ def unpack_indices(metadata: torch.Tensor, bits: int, count: int) -> torch.Tenso
     """Inverse of :func:`pack_indices`: ``[rows, count]`` int64."""
     rows = metadata.shape[0]
     stream = (metadata.to(torch.int64)[..., None] >> torch.arange(8, device=metadata.device)) & 1
-    stream = stream.reshape(rows, -1)[:, : count * bits].reshape(rows, count, bits)
+    stream = stream.reshape(rows, metadata.shape[1] * 8)[:, : count * bits].reshape(rows, count, bits)
     return (stream << torch.arange(bits, device=metadata.device)).sum(-1)
 
 
 def packed_padding_bits(metadata: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The bits after the last index of each row (must be zero in a valid weight)."""
     stream = (metadata.to(torch.int64)[..., None] >> torch.arange(8, device=metadata.device)) & 1
-    return stream.reshape(metadata.shape[0], -1)[:, count * bits :]
+    return stream.reshape(metadata.shape[0], metadata.shape[1] * 8)[:, count * bits :]
 
 
 def compress_packed(w: torch.Tensor, pattern: Pattern, scores: torch.Tensor | None = None):
     rows, cols = w.shape
     idx = kept_indices(nm_mask(w, pattern, scores), pattern)  # [rows, groups, n]
-    values = as_bits(w).reshape(rows, -1, pattern.m).gather(-1, idx).reshape(rows, -1).view(w.dtype)
-    metadata = pack_indices(idx.reshape(rows, -1), pattern.index_bits)
-    return values, metadata
+    groups = cols // pattern.m
+    values = as_bits(w).reshape(rows, groups, pattern.m).gather(-1, idx).reshape(rows, groups * pattern.n)
+    metadata = pack_indices(idx.reshape(rows, groups * pattern.n), pattern.index_bits)
+    return values.view(w.dtype), metadata
 
 
 def decompress_packed(values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern):
     rows, cols = shape
     count = cols // pattern.m * pattern.n
-    idx = unpack_indices(metadata, pattern.index_bits, count).reshape(rows, -1, pattern.n)
+    idx = unpack_indices(metadata, pattern.index_bits, count).reshape(rows, cols // pattern.m, pattern.n)
     bits = as_bits(values)
     dense = torch.zeros(rows, cols // pattern.m, pattern.m, dtype=bits.dtype, device=values.device)
-    dense.scatter_(-1, idx, bits.reshape(rows, -1, pattern.n))
+    dense.scatter_(-1, idx, bits.reshape(idx.shape))
     return dense.reshape(rows, cols).view(values.dtype)
 
 
@@ -207,7 +208,7 @@ def cutlass_nibbles(metadata: torch.Tensor) -> torch.Tensor:
     offsets = cutlass_meta_offsets(rows, meta_cols, metadata.dtype, metadata.device)
     meta = metadata.reshape(-1)[offsets].reshape(rows, meta_cols).to(torch.int64)
     shifts = 4 * torch.arange(metadata.dtype.itemsize * 2, device=metadata.device)
-    return ((meta[..., None] >> shifts) & 0xF).reshape(rows, -1)
+    return ((meta[..., None] >> shifts) & 0xF).reshape(rows, meta_cols * shifts.numel())
 
 
 def cutlass_group_indices(nibbles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -219,7 +220,8 @@ def cutlass_group_indices(nibbles: torch.Tensor, dtype: torch.dtype) -> torch.Te
 
 def compress_cutlass(w: torch.Tensor, pattern: Pattern, scores: torch.Tensor | None = None):
     rows, cols = w.shape
-    nonzero_kept = nm_mask(w, pattern, scores) & (magnitude_keys(w) != 0)
+    mask = nm_mask(w, pattern, scores)
+    nonzero_kept = mask & (magnitude_keys(w) != 0)
     # Gather each group's 0/1 flag bytes into one word, then into a 4-bit code (little-endian).
     if w.dtype == torch.float32:  # a 1:2 pair is encoded as 2:4 over its four fp16 halves [a a b b]
         word = nonzero_kept.reshape(-1, 2).view(torch.int16).squeeze(-1).to(torch.int32)
@@ -229,8 +231,12 @@ def compress_cutlass(w: torch.Tensor, pattern: Pattern, scores: torch.Tensor | N
         code = (word | word >> 7 | word >> 14 | word >> 21) & 0xF
     nibbles = torch.tensor(CUTLASS_NIBBLE_OF_FLAGS, dtype=torch.uint8, device=w.device)[code]
     idx = cutlass_group_indices(nibbles, w.dtype)
-    values = as_bits(w).reshape(idx.shape[0], -1).gather(-1, idx).view(w.dtype)
-    return values.reshape(rows, cols // 2), _nibbles_to_meta(nibbles.reshape(rows, -1), cutlass_meta_dtype(w.dtype))
+    group = 2 if w.dtype == torch.float32 else 4
+    values = as_bits(w).reshape(idx.shape[0], group).gather(-1, idx)
+    # A slot CUTLASS fills in holds a dropped position: store project(w)'s +0 there, not w's -0.
+    values = torch.where(mask.reshape(idx.shape[0], group).gather(-1, idx), values, 0).view(w.dtype)
+    meta = _nibbles_to_meta(nibbles.reshape(rows, cols // group), cutlass_meta_dtype(w.dtype))
+    return values.reshape(rows, cols // 2), meta
 
 
 def decompress_cutlass(values: torch.Tensor, metadata: torch.Tensor, shape):

@@ -65,8 +65,10 @@ def test_compress_needs_2d():
     [
         (torch.float16, "1:4", (32, 64), "holds torch.float16 only as 2:4"),
         (torch.float32, "2:4", (32, 64), "holds torch.float32 only as 1:2"),
-        (torch.float16, "2:4", (16, 64), "rows divisible by 32 and columns by 16, got 16x64"),
-        (torch.int8, "2:4", (16, 48), "rows divisible by 16 and columns by 32, got 16x48"),
+        (torch.float16, "2:4", (16, 64), "rows divisible by 32 and columns by 32, got 16x64"),
+        (torch.float16, "2:4", (32, 48), "rows divisible by 32 and columns by 32, got 32x48"),
+        (torch.int8, "2:4", (16, 96), "rows divisible by 16 and columns by 64, got 16x96"),
+        (torch.float32, "1:2", (32, 24), "rows divisible by 32 and columns by 16, got 32x24"),
     ],
 )
 def test_cutlass_cannot_hold(dtype, pattern, shape, message):

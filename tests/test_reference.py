@@ -12,6 +12,7 @@ from torch.sparse._semi_structured_conversions import (
 )
 
 import nxm_kernels as nxm
+from nxm_kernels.formats import cutlass_multiples
 from conftest import CUTLASS_CASES, PATTERNS, VALUE_DTYPES, assert_matmul_close, random_weight
 
 REF = {"backend": "reference"}
@@ -101,8 +102,10 @@ def test_round_trip_packed(shape, pattern, dtype, zeros, seed):
        zeros=st.sampled_from([0.0, 0.3, 0.9]), seed=st.integers(0, 2**16))
 def test_cutlass_byte_identical_to_torch(rows, cols, dtype_pattern, zeros, seed):
     dtype, pattern = dtype_pattern
-    row_mult, col_mult = (16, 32) if dtype == torch.int8 else (32, 16)
-    w = random_weight((rows * row_mult, cols * col_mult * 2), dtype, torch.Generator().manual_seed(seed), zeros)
+    row_mult, col_mult = cutlass_multiples(dtype)
+    w = random_weight((rows * row_mult, cols * col_mult), dtype, torch.Generator().manual_seed(seed), zeros)
+    if dtype.is_floating_point:
+        w[w == 0] = -0.0  # the fill-in slots of all-zero groups must still hold project(w)'s +0
     z = nxm.project(w, pattern, **REF)
     sw = nxm.compress(w, pattern, layout="cutlass", **REF)
     values, meta = sparse_semi_structured_from_dense_cutlass(z)
@@ -134,3 +137,12 @@ def test_sparse_mm_matches_masked_dense(dtype, layout, lead, with_bias):
     y = nxm.sparse_mm(x, sw, bias, **REF)
     assert y.shape == (*lead, 64)
     assert_matmul_close(y.reshape(-1, 64), x.reshape(-1, 128), nxm.project(w, pattern, **REF), bias)
+
+
+@pytest.mark.parametrize("dtype, pattern", CUTLASS_CASES)
+@pytest.mark.parametrize("layout", ["packed", "cutlass"])
+def test_empty_weight(dtype, pattern, layout):
+    sw = nxm.compress(torch.zeros(0, 64, dtype=dtype), pattern, layout=layout, **REF)
+    rebuilt = nxm.NMSparseWeight(sw.values, sw.metadata, sw.shape, sw.pattern, layout)
+    assert nxm.decompress(rebuilt, **REF).shape == (0, 64)
+    assert nxm.sparse_mm(torch.zeros(3, 64, dtype=dtype), sw, **REF).shape == (3, 0)
