@@ -9,8 +9,10 @@ import torch
 from . import reference
 from .pattern import Pattern, PatternLike, as_pattern, check_groups
 
-LAYOUTS = ("packed", "cutlass")
+LAYOUTS = ("packed", "cutlass", "cusparselt")
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+# cusparselt also holds fp8 weights (made by nxm_kernels.backends.cusparselt.compress_pruned).
+CUSPARSELT_DTYPES = VALUE_DTYPES + (torch.float8_e4m3fn,)
 
 # cutlass: the pattern each dtype's Sparse Tensor Core instruction implements, and the
 # (rows, cols) multiples that CUTLASS's metadata reordering needs.
@@ -23,17 +25,33 @@ CUTLASS_PATTERN = {
 
 
 def cutlass_multiples(dtype: torch.dtype) -> tuple[int, int]:
-    return (16, 32) if dtype == torch.int8 else (32, 16)
+    # Rows: CUTLASS reorders metadata in blocks of 32 (int16) / 16 (int32) rows. Columns: the
+    # reorder swaps metadata in 2x2 blocks, so each row needs an even number of metadata elements
+    # (16 values per int16 element for fp16/bf16, 8 for fp32 pairs, 32 per int32 element for int8).
+    return {torch.int8: (16, 64), torch.float32: (32, 16)}.get(dtype, (32, 32))
+
+
+# cusparselt: the opaque buffer of cuSPARSELt's compress, made on a GPU; the same patterns as
+# cutlass (the hardware's), for fp8 too.
+CUSPARSELT_PATTERN = {**CUTLASS_PATTERN, torch.float8_e4m3fn: Pattern(2, 4)}
+
+
+def cusparselt_multiples(dtype: torch.dtype) -> tuple[int, int]:
+    """(weight rows and cols, activation rows and cols): the multiples cuSPARSELt needs for ``dtype``
+    (structured operand 32/16/8 for 8/16/32-bit values, dense operand half that)."""
+    weight = {1: 32, 2: 16, 4: 8}[dtype.itemsize]
+    return weight, weight // 2
 
 
 def check_layout(dtype: torch.dtype, shape, pattern: Pattern, layout: str) -> None:
     """Raise a ValueError that names what ``layout`` needs if it cannot hold this weight."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {LAYOUTS}")
-    if dtype not in VALUE_DTYPES:
+    allowed = CUSPARSELT_DTYPES if layout == "cusparselt" else VALUE_DTYPES
+    if dtype not in allowed:
         raise TypeError(
             f"layout {layout!r} cannot hold dtype {dtype}: use one of "
-            f"{', '.join(str(d) for d in VALUE_DTYPES)} (convert the weight first)"
+            f"{', '.join(str(d) for d in allowed)} (convert the weight first)"
         )
     if len(shape) != 2:
         raise ValueError(f"compressed weights are 2-D [out_features, in_features], got shape {tuple(shape)}")
@@ -52,11 +70,31 @@ def check_layout(dtype: torch.dtype, shape, pattern: Pattern, layout: str) -> No
                 f"layout 'cutlass' for {dtype} needs rows divisible by {row_mult} and columns by "
                 f"{col_mult}, got {rows}x{cols}: pad the weight (SparseLinear does) or use layout='packed'"
             )
+    if layout == "cusparselt":
+        need = CUSPARSELT_PATTERN[dtype]
+        if pattern != need:
+            raise ValueError(
+                f"layout 'cusparselt' holds {dtype} only as {need} (the Sparse Tensor Core pattern), "
+                f"not {pattern}: use pattern '{need}' or layout='packed'"
+            )
+        mult = cusparselt_multiples(dtype)[0]
+        rows, cols = shape
+        if rows % mult or cols % mult:
+            raise ValueError(
+                f"layout 'cusparselt' for {dtype} needs rows and columns divisible by {mult} (cuSPARSELt's "
+                f"structured operand), got {rows}x{cols}: pad the weight (SparseLinear does) or use layout='packed'"
+            )
 
 
 def expected_storage(dtype: torch.dtype, shape, pattern: Pattern, layout: str):
-    """(values shape, metadata shape, metadata dtype) of a weight in ``layout``."""
+    """(values shape, metadata shape, metadata dtype) of a weight in ``layout``.
+
+    cusparselt keeps its opaque buffer (kept values and metadata, cuSPARSELt's own order) 1-D in
+    ``values``, in the weight's dtype, its length set by the library (None here), and no metadata.
+    """
     rows, cols = shape
+    if layout == "cusparselt":
+        return None, (0,), torch.uint8
     values = (rows, cols // pattern.m * pattern.n)
     if layout == "packed":
         return values, (rows, reference.packed_row_bytes(cols, pattern)), torch.uint8
@@ -89,7 +127,15 @@ class NMSparseWeight:
         values_shape, meta_shape, meta_dtype = expected_storage(
             self.values.dtype, self.shape, self.pattern, self.layout
         )
-        if tuple(self.values.shape) != values_shape:
+        if values_shape is None:  # cusparselt: at least the kept values, plus the library's metadata
+            kept = self.shape[0] * self.shape[1] // self.pattern.m * self.pattern.n
+            if self.values.dim() != 1 or self.values.numel() <= kept:
+                raise ValueError(
+                    f"a cusparselt weight holds cuSPARSELt's compressed buffer as one 1-D tensor of more than "
+                    f"{kept} elements, got shape {tuple(self.values.shape)}: re-create it with "
+                    "nxm.compress(w, pattern, layout='cusparselt') on a GPU"
+                )
+        elif tuple(self.values.shape) != values_shape:
             raise ValueError(
                 f"values have shape {tuple(self.values.shape)}, but a {self.shape[0]}x{self.shape[1]} "
                 f"{self.pattern} weight needs {values_shape}"
@@ -107,6 +153,8 @@ class NMSparseWeight:
             self._check_indices()
 
     def _check_indices(self) -> None:
+        if self.layout == "cusparselt":
+            return  # opaque: only cuSPARSELt reads it
         if self.layout == "cutlass":
             nibbles = reference.cutlass_nibbles(self.metadata)
             valid = reference.CUTLASS_VALID_NIBBLES_1_2 if self.values.dtype == torch.float32 \
@@ -123,7 +171,7 @@ class NMSparseWeight:
         n, m, bits = self.pattern.n, self.pattern.m, self.pattern.index_bits
         rows, cols = self.shape
         count = cols // m * n
-        idx = reference.unpack_indices(self.metadata, bits, count).reshape(rows, -1, n)
+        idx = reference.unpack_indices(self.metadata, bits, count).reshape(rows, cols // m, n)
         problems = (
             (idx >= m, f"an index out of range [0, {m})"),
             (idx[..., 1:] == idx[..., :-1], "an index repeated within its group"),

@@ -10,6 +10,13 @@ class ReferenceBackend(Backend):
     name = "reference"
     ops = frozenset(OPS)
 
+    def not_supported_reasons(self, op, **inputs):
+        sw = inputs.get("sw")
+        if (sw is not None and sw.layout == "cusparselt") or inputs.get("layout") == "cusparselt":
+            return ["the cusparselt layout is cuSPARSELt's opaque buffer, which only cuSPARSELt writes and "
+                    "reads: use backend='cusparselt' on a GPU, or layout 'packed'/'cutlass'"]
+        return []
+
     def nm_mask(self, w, pattern, scores):
         return reference.nm_mask(w, pattern, scores)
 
