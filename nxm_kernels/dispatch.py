@@ -86,13 +86,18 @@ def reasons(backend: Backend, op: str, inputs: dict) -> list[str]:
 
 
 def select(op: str, backend: str | None, inputs: dict) -> Backend:
+    from_env = not backend and bool(os.environ.get("NXM_BACKEND"))
     name = backend or os.environ.get("NXM_BACKEND") or "auto"
+    source = " (set by NXM_BACKEND)" if from_env else ""
     if name != "auto":
-        chosen = get_backend(name)
+        try:
+            chosen = get_backend(name)
+        except ValueError as e:
+            raise ValueError(f"{e}{source}") from None
         why = reasons(chosen, op, inputs)
         if why:
             raise BackendNotSupported(
-                f"backend {name!r} cannot run {describe(op, inputs)}: {'; '.join(why)}. "
+                f"backend {name!r}{source} cannot run {describe(op, inputs)}: {'; '.join(why)}. "
                 "Use backend='auto' or one that nxm.backends() lists as available."
             )
         return chosen

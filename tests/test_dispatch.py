@@ -37,7 +37,12 @@ def test_explicit_backend_that_cannot_serve_raises(with_refusing_backend):
 
 
 def test_auto_skips_a_backend_with_reasons(with_refusing_backend):
-    assert dispatch.select("nm_mask", None, {"w": torch.ones(2, 4)}).name == "reference"
+    inputs = {"w": torch.ones(2, 4), "pattern": nxm.Pattern(2, 4), "scores": None}
+    first_that_can = next(
+        b for b in dispatch.registered_backends()[1:]
+        if not dispatch.reasons(b, "nm_mask", inputs) and (b.auto_devices is None or "cpu" in b.auto_devices)
+    )
+    assert dispatch.select("nm_mask", None, inputs) is first_that_can
 
 
 def test_no_backend_can_serve_lists_every_reason(monkeypatch):
@@ -52,3 +57,15 @@ def test_env_override(monkeypatch, with_refusing_backend):
         nxm.nm_mask(torch.ones(2, 4), "2:4")
     # An explicit argument beats the environment.
     assert nxm.nm_mask(torch.ones(2, 4), "2:4", backend="reference").sum() == 4
+
+
+def test_env_names_itself_in_errors(monkeypatch, with_refusing_backend):
+    monkeypatch.setenv("NXM_BACKEND", "cuda9")
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda9'.* \(set by NXM_BACKEND\)"):
+        nxm.nm_mask(torch.ones(2, 4), "2:4")
+    monkeypatch.setenv("NXM_BACKEND", "refuses")
+    with pytest.raises(nxm.BackendNotSupported, match=r"backend 'refuses' \(set by NXM_BACKEND\) cannot run"):
+        nxm.nm_mask(torch.ones(2, 4), "2:4")
+    # An explicit argument is not attributed to the environment.
+    with pytest.raises(nxm.BackendNotSupported, match=r"backend 'refuses' cannot run"):
+        nxm.nm_mask(torch.ones(2, 4), "2:4", backend="refuses")

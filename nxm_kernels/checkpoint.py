@@ -1,0 +1,293 @@
+"""Compact checkpoints: ``save(model, path)`` / ``load(path, model=None)``.
+
+A checkpoint is one safetensors file (no pickle: loading executes no code) holding the model's
+``state_dict`` — for each :class:`~nxm_kernels.nn.SparseLinear` its ``values``, ``metadata`` and
+``bias`` — plus a JSON header in the safetensors metadata under the key ``"nxm"``::
+
+    {"format": "nxm-kernels", "format_version": 1, "nxm_version": "0.1.0",
+     "layers": {"encoder.0.ffn.up": {"pattern": "2:4", "layout": "cutlass", "dtype": "float16",
+                                      "in_features": 64, "out_features": 256, "shape": [256, 64],
+                                      "bias": true}},
+     "aliases": {"head.weight": "embed.weight"},    # tied tensors, stored once
+     "info": {...}}                                 # free-form (e.g. where the model came from)
+
+``load`` validates everything before it touches a model: the header, every layer's pattern,
+layout, dtype and shapes, and every metadata index (in range, not repeated within a group).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .formats import NMSparseWeight
+from .nn import FLOAT_DTYPES, STORED_LAYOUTS, SparseLinear
+from .pattern import as_pattern
+
+FORMAT = "nxm-kernels"
+FORMAT_VERSION = 1
+HEADER_KEY = "nxm"
+_DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+_LAYER_FIELDS = {"pattern", "layout", "dtype", "in_features", "out_features", "shape", "bias"}
+
+
+class CheckpointError(ValueError):
+    """The file is not a valid nxm checkpoint, or does not fit the model; the message says why."""
+
+
+@dataclass
+class SparseCheckpoint:
+    """What ``load(path)`` returns without a model: the validated layers and everything else.
+
+    ``layers``: ``{name: SparseLinear}``; ``tensors``: the other entries of the saved
+    ``state_dict`` (dense parameters and buffers, tied ones resolved); ``header``: the JSON header.
+    Put them into a model with ``nxm.load(path, model)``.
+    """
+
+    path: str
+    header: dict
+    layers: dict[str, SparseLinear] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def sparse_bytes(self) -> int:
+        """Bytes of the sparse layers (values, metadata, bias) as stored."""
+        return sum(layer_bytes(layer)[0] for layer in self.layers.values())
+
+    def dense_bytes(self) -> int:
+        """Bytes the sparse layers would take as dense ``nn.Linear`` of the same dtype."""
+        return sum(layer_bytes(layer)[1] for layer in self.layers.values())
+
+
+def layer_bytes(layer: SparseLinear) -> tuple[int, int]:
+    """(bytes stored: values, metadata, bias; bytes of the same layer as a dense nn.Linear)."""
+    stored = sum(t.numel() * t.element_size() for t in (layer.values, layer.metadata, layer.bias) if t is not None)
+    dense = (layer.in_features + (layer.bias is not None)) * layer.out_features * layer.values.element_size()
+    return stored, dense
+
+
+def _layer_header(layer: SparseLinear) -> dict:
+    return {
+        "pattern": str(layer.pattern),
+        "layout": layer.layout,
+        "dtype": str(layer.values.dtype).removeprefix("torch."),
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "shape": list(layer.padded_shape),
+        "bias": layer.bias is not None,
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike, info: dict | None = None) -> None:
+    """Write ``model``'s state_dict (sparse layers compressed) and the header to ``path``.
+
+    ``info``: a JSON-serialisable dict stored in the header as is (e.g. the model's source).
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    layers = {name: _layer_header(m) for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    storages: dict[int, int] = {}
+    for tensor in state.values():
+        ptr = tensor.untyped_storage().data_ptr()
+        storages[ptr] = storages.get(ptr, 0) + 1
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        key = (ptr, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key in seen and tensor.numel():  # a tied tensor: store it once
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensor = tensor.to("cpu").contiguous()
+        # safetensors refuses tensors whose memory overlaps: views of one storage get a copy each.
+        tensors[name] = tensor.clone() if storages[ptr] > 1 else tensor
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "nxm_version": __version__,
+        "torch_version": torch.__version__,
+        "layers": layers,
+        "aliases": aliases,
+        "info": info or {},
+    }
+    save_file(tensors, os.fspath(path), metadata={HEADER_KEY: json.dumps(header)})
+
+
+def _fail(path, what: str) -> CheckpointError:
+    return CheckpointError(f"{os.fspath(path)}: {what}")
+
+
+def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    import safetensors
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise _fail(path, "no such file")
+    try:
+        with safetensors.safe_open(os.fspath(path), "pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(os.fspath(path))
+    except (safetensors.SafetensorError, OSError) as e:
+        raise _fail(
+            path, f"not a readable safetensors file ({e}); it is truncated or corrupt: write it again with nxm.save"
+        ) from None
+    if HEADER_KEY not in metadata:
+        raise _fail(path, "has no nxm header: it is a plain safetensors file, not one written by nxm.save")
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except json.JSONDecodeError as e:
+        raise _fail(
+            path, f"nxm header is not valid JSON ({e}): the file was altered; write it again with nxm.save"
+        ) from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise _fail(path, f"nxm header does not say format {FORMAT!r}: the file was altered or is not ours")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _fail(
+            path,
+            f"format_version {version!r}, this nxm-kernels reads version {FORMAT_VERSION} "
+            f"(written by nxm-kernels {header.get('nxm_version')!r}): use a matching nxm-kernels",
+        )
+    for key, kind in (("layers", dict), ("aliases", dict), ("info", dict)):
+        if not isinstance(header.get(key), kind):
+            raise _fail(path, f"nxm header field {key!r} is missing or not a {kind.__name__}")
+    return header, tensors
+
+
+def _build_layer(path, name: str, spec, tensors: dict) -> SparseLinear:
+    def bad(what):
+        return _fail(path, f"layer {name!r}: {what}")
+
+    if not isinstance(spec, dict) or set(spec) != _LAYER_FIELDS:
+        raise bad(f"header entry must have exactly the fields {sorted(_LAYER_FIELDS)}")
+    try:
+        pattern = as_pattern(spec["pattern"])
+    except (TypeError, ValueError) as e:
+        raise bad(f"pattern: {e}") from None
+    if spec["layout"] not in STORED_LAYOUTS:
+        raise bad(f"layout {spec['layout']!r} is not one a checkpoint stores ({', '.join(STORED_LAYOUTS)})")
+    if spec["dtype"] not in _DTYPES:
+        raise bad(f"dtype {spec['dtype']!r} is not one SparseLinear holds ({', '.join(_DTYPES)})")
+    ints = [spec["in_features"], spec["out_features"]] + (spec["shape"] if isinstance(spec["shape"], list) else [None])
+    if len(ints) != 4 or not all(type(i) is int and i > 0 for i in ints) or not isinstance(spec["bias"], bool):
+        raise bad("in_features, out_features and shape [rows, cols] must be positive integers, bias a bool")
+    prefix = f"{name}." if name else ""
+    needed = ["values", "metadata"] + (["bias"] if spec["bias"] else [])
+    missing = [prefix + k for k in needed if prefix + k not in tensors]
+    if missing:
+        raise bad(f"tensor(s) {', '.join(missing)} missing from the file")
+    values, metadata = tensors[prefix + "values"], tensors[prefix + "metadata"]
+    dtype = _DTYPES[spec["dtype"]]
+    if values.dtype != dtype:
+        raise bad(f"values are {values.dtype} but the header says {dtype}")
+    try:  # dtype/pattern/layout fit, values and metadata shapes, every index in range and unrepeated
+        sw = NMSparseWeight(values, metadata, tuple(spec["shape"]), pattern, spec["layout"])
+        return SparseLinear.from_compressed(
+            sw, tensors[prefix + "bias"] if spec["bias"] else None, spec["in_features"], spec["out_features"]
+        )
+    except (TypeError, ValueError) as e:
+        raise bad(str(e)) from None
+
+
+def _read_checkpoint(path) -> SparseCheckpoint:
+    header, tensors = _read(path)
+    for alias, target in header["aliases"].items():
+        if not isinstance(target, str) or target not in tensors or alias in tensors:
+            raise _fail(path, f"alias {alias!r} -> {target!r} does not name one stored tensor")
+        tensors[alias] = tensors[target]
+    checkpoint = SparseCheckpoint(os.fspath(path), header)
+    claimed = set()
+    for name, spec in header["layers"].items():
+        checkpoint.layers[name] = _build_layer(path, name, spec, tensors)
+        claimed.update(f"{name}.{k}" if name else k for k in ("values", "metadata", "bias"))
+    checkpoint.tensors = {k: v for k, v in tensors.items() if k not in claimed}
+    return checkpoint
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None):
+    """Read and validate a checkpoint written by :func:`save`.
+
+    With ``model`` (the same architecture, dense or already sparsified): each saved sparse layer
+    replaces the module of that name (an ``nn.Linear`` or ``SparseLinear`` of the same size and,
+    for a ``SparseLinear``, the same pattern), converted to that module's device and dtype and
+    keeping a ``SparseLinear``'s backend; every other tensor must match the model's ``state_dict``
+    (names and shapes) and is loaded into it. Returns ``model``.
+
+    Without ``model``: returns a :class:`SparseCheckpoint` (the validated ``SparseLinear`` layers
+    by name, the other tensors, the header), e.g. to inspect a file or rebuild a model by hand.
+
+    Raises :class:`CheckpointError` naming what is wrong, before changing the model.
+    """
+    checkpoint = _read_checkpoint(path)
+    if model is None:
+        return checkpoint
+    modules = dict(model.named_modules())
+    swaps = []
+    for name, layer in checkpoint.layers.items():
+        if name == "":
+            raise _fail(path, "the file holds a single SparseLinear: use load(path).layers[''] instead")
+        target = modules.get(name)
+        if not isinstance(target, (nn.Linear, SparseLinear)):
+            found = "nothing" if target is None else type(target).__name__
+            raise _fail(
+                path,
+                f"layer {name!r} is sparse in the file but the model has {found} there: build the same architecture",
+            )
+        if (target.in_features, target.out_features) != (layer.in_features, layer.out_features):
+            raise _fail(
+                path,
+                f"layer {name!r} is {layer.in_features}->{layer.out_features} in the file but "
+                f"{target.in_features}->{target.out_features} in the model",
+            )
+        if (target.bias is not None) != (layer.bias is not None):
+            raise _fail(
+                path,
+                f"layer {name!r}: bias is {layer.bias is not None} in the file "
+                f"but {target.bias is not None} in the model",
+            )
+        if isinstance(target, SparseLinear):
+            if target.pattern != layer.pattern:
+                raise _fail(
+                    path,
+                    f"pattern mismatch: layer {name!r} is {layer.pattern} in the file "
+                    f"but {target.pattern} in the model",
+                )
+            layer.backend = target.backend
+            reference = target.values
+        else:
+            reference = target.weight
+        swaps.append((name, layer, reference.device, reference.dtype))
+    # Check the rest against the model as it will be, before changing anything.
+    dense_state = checkpoint.tensors
+    expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{n}.") for n, *_ in swaps)}
+    missing, unexpected = sorted(set(expected) - set(dense_state)), sorted(set(dense_state) - set(expected))
+    problems = [f"missing {_some(missing)}"] if missing else []
+    problems += [f"unexpected {_some(unexpected)}"] if unexpected else []
+    problems += [
+        f"{k} is {list(v.shape)} in the file but {list(expected[k].shape)} in the model"
+        for k, v in dense_state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if problems:
+        raise _fail(
+            path,
+            f"does not fit this model: {'; '.join(problems)}. Build the same architecture (and "
+            "sparsify it the same way) before loading",
+        )
+    model.load_state_dict(dense_state, strict=False)
+    for name, layer, device, dtype in swaps:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer.train(getattr(parent, child).training)
+        setattr(parent, child, layer.to(device=device, dtype=dtype))
+    return model

@@ -1,0 +1,280 @@
+"""The `nxm` command: sparsify a model into a compact checkpoint, inspect one, list backends,
+run the benchmarks and the demo. `nxm COMMAND --help` explains each command.
+
+Exit codes: 0 success, 1 the command failed (the message says why and what to do), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CommandError(Exception):
+    """A failure the user can fix; printed without a traceback, exit code 1."""
+
+
+# ---------------------------------------------------------------- the built-in demo model
+
+
+class DemoBlock(nn.Module):
+    """A pre-norm Transformer block written with plain ``nn.Linear`` calls."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.query, self.key, self.value, self.out = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        q, k, v = (
+            proj(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for proj in (self.query, self.key, self.value)
+        )
+        attention = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.out(attention)
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class DemoTransformer(nn.Module):
+    """The model ``nxm sparsify demo`` converts: a small token classifier (its head has 10
+    outputs, so padding is exercised too). Load its checkpoint with
+    ``nxm.load(path, DemoTransformer())``."""
+
+    def __init__(
+        self, vocab: int = 1000, dim: int = 128, heads: int = 4, hidden: int = 512, depth: int = 2, classes: int = 10
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(DemoBlock(dim, heads, hidden) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _progress_bar(done: int, total: int, name: str, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[-40:]:<40}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _load_source(source: str, dtype: torch.dtype) -> tuple[nn.Module, dict]:
+    if source == "demo":
+        torch.manual_seed(0)
+        return DemoTransformer().to(dtype).eval(), {"source": "demo", "architecture": "nxm_kernels.cli.DemoTransformer"}
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        raise CommandError(
+            f"{source!r} is neither 'demo' nor a model directory with a config.json: give a directory "
+            "saved by save_pretrained() (Hugging Face transformers), or 'demo'"
+        )
+    try:
+        import transformers
+    except ImportError:
+        raise CommandError(
+            "reading a model directory needs Hugging Face transformers: pip install transformers"
+        ) from None
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    architecture = (getattr(config, "architectures", None) or ["AutoModel"])[0]
+    model_class = getattr(transformers, architecture, None)
+    if model_class is None:
+        raise CommandError(f"config.json names architecture {architecture!r}, which this transformers does not have")
+    model = model_class.from_pretrained(path, local_files_only=True, dtype=dtype).eval()
+    return model, {"source": str(path), "architecture": f"transformers.{architecture}", "config": config.to_dict()}
+
+
+def cmd_sparsify(args) -> int:
+    from . import checkpoint, dispatch
+    from . import nn as nxm_nn
+    from .pattern import as_pattern
+
+    try:
+        as_pattern(args.pattern)
+        if args.backend != "auto":
+            dispatch.get_backend(args.backend)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    model, info = _load_source(args.source, DTYPES[args.dtype])
+    report = nxm_nn.sparsify(
+        model,
+        args.pattern,
+        include=args.include,
+        exclude=args.exclude,
+        backend=args.backend,
+        progress=None if args.quiet else _progress_bar,
+    )
+    print(report)
+    if not report.converted:
+        raise CommandError("no layer was converted (see the reasons above): loosen --include/--exclude")
+    checkpoint.save(model, args.output, info=info)
+    size = os.path.getsize(args.output)
+    print(f"wrote {args.output} ({size:,} bytes)")
+    print(f"next: nxm inspect {args.output}   (in Python: nxm.load({str(args.output)!r}, model))")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from . import checkpoint
+
+    try:
+        ckpt = checkpoint.load(args.checkpoint)
+    except checkpoint.CheckpointError as e:
+        raise CommandError(f"invalid checkpoint: {e}") from None
+    header = ckpt.header
+    info = header["info"]
+    print(f"checkpoint   {ckpt.path} ({os.path.getsize(ckpt.path):,} bytes)")
+    print(f"written by   nxm-kernels {header.get('nxm_version')}, torch {header.get('torch_version')}")
+    if info.get("source"):
+        print(f"source       {info['source']} ({info.get('architecture', 'unknown architecture')})")
+    patterns = sorted({str(layer.pattern) for layer in ckpt.layers.values()})
+    print(f"sparse layers {len(ckpt.layers)} (pattern {', '.join(patterns) or 'none'})")
+    rows = [("layer", "in->out", "pattern", "layout", "dtype", "bytes", "of dense")]
+    for name, layer in ckpt.layers.items():
+        stored, dense = checkpoint.layer_bytes(layer)
+        rows.append(
+            (
+                name,
+                f"{layer.in_features}->{layer.out_features}",
+                str(layer.pattern),
+                layer.layout,
+                str(layer.values.dtype).removeprefix("torch."),
+                f"{stored:,}",
+                f"{stored / dense:.1%}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    sparse, dense = ckpt.sparse_bytes(), ckpt.dense_bytes()
+    if dense:
+        print(f"sparse layers: {sparse:,} bytes, {sparse / dense:.1%} of their dense {dense:,}")
+    other = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
+    print(f"other tensors: {len(ckpt.tensors)} ({other:,} bytes)")
+    print("validation   OK (header, patterns, layouts, dtypes, shapes, every metadata index)")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from .dispatch import backends
+
+    print("backends in auto-dispatch priority order:")
+    available = backends()
+    width = max(len(name) for name in available)
+    for name, why in available.items():
+        print(f"  {name.ljust(width)}  {'available' if why is None else 'unavailable: ' + why}")
+    env = os.environ.get("NXM_BACKEND")
+    print(f"NXM_BACKEND={env} (overrides 'auto')" if env else "NXM_BACKEND is not set: calls use 'auto'")
+    return 0
+
+
+def benchmarks_dir() -> Path:
+    """``benchmarks/`` of the source checkout this package runs from."""
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(args) -> int:
+    where = benchmarks_dir()
+    if not (where / "run.py").is_file():
+        raise CommandError(
+            f"no benchmark suite at {where}: nxm bench runs the benchmarks/ folder of a source checkout; "
+            "clone the repository, install it with `pip install -e .` and run nxm bench there"
+        )
+    # The suite's own runner (pytest over benchmarks/, then the report), as `make bench` runs it.
+    return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.bench_args], cwd=where.parent)
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    demo.main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nxm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser(
+        "sparsify",
+        help="convert a model's linear layers to N:M and write a compact checkpoint",
+        description="Swap the model's nn.Linear layers for SparseLinear (the weights projected onto the "
+        "pattern: keep the n largest |w| of every m) and save the result with nxm.save.",
+    )
+    p.add_argument("source", help="'demo' (the built-in DemoTransformer) or a Hugging Face model directory")
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write, e.g. model.nxm.safetensors")
+    p.add_argument("--pattern", default="2:4", help="keep n of every m weights along in_features (default 2:4)")
+    p.add_argument("--dtype", choices=DTYPES, default="float16", help="weight dtype (default float16)")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only layers whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers whose name matches (repeatable)")
+    p.add_argument("--backend", default="auto", help="backend the layers run on (default auto; see nxm backends)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_sparsify)
+
+    p = commands.add_parser(
+        "inspect",
+        help="validate a checkpoint and show its layers and sizes",
+        description="Read a checkpoint written by nxm sparsify / nxm.save, validate everything "
+        "(header, shapes, every metadata index) and print its layers. Exit code 1 if invalid.",
+    )
+    p.add_argument("checkpoint")
+    p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser("backends", help="which backends can run here, and why not")
+    p.set_defaults(run=cmd_backends)
+
+    p = commands.add_parser(
+        "bench",
+        help="run the microbenchmarks (pytest benchmarks/) and print the table",
+        description="Runs the benchmark suite of the source checkout (`python -m benchmarks.run`, what "
+        "`make bench` runs: pytest over benchmarks/, the table, then the report). Arguments go to it, "
+        "e.g. `nxm bench --full`, `nxm bench -- -k sparse_mm` (after its own `--`, to pytest).",
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks.run")
+    p.set_defaults(run=cmd_bench)
+
+    p = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    bench_args = None
+    if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
+        argv, bench_args = ["bench"], argv[1:]  # everything after `bench` belongs to the suite's runner
+    args = build_parser().parse_args(argv)
+    if bench_args is not None:
+        args.bench_args = bench_args
+    try:
+        return args.run(args)
+    except CommandError as e:
+        print(f"nxm {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""save/load: round trips, size on disk, and every corruption refused with a clear error."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import nxm_kernels as nxm
+from nxm_kernels.checkpoint import SparseCheckpoint
+from nxm_kernels.nn import SparseLinear
+
+
+def build_model():
+    """Dense fp16 model: layer 0 becomes cutlass 2:4, layer 2 packed 2:4 (10 outputs), layer 3
+    packed 2:6 with padded in_features (10 -> 12); the LayerNorm stays dense."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 10), nn.Linear(10, 12)).half()
+
+
+def sparsified():
+    model = build_model()
+    nxm.sparsify(model, "2:4", include=["0", "2"])
+    model[3] = SparseLinear.from_dense(model[3], "2:6")
+    return model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = sparsified()
+    path = tmp_path / "model.nxm.safetensors"
+    nxm.save(model, path, info={"source": "test"})
+    return model, path
+
+
+def run(model):
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).half()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_round_trip_into_a_dense_model(saved):
+    model, path = saved
+    fresh = build_model()
+    assert nxm.load(path, fresh) is fresh
+    assert [type(m).__name__ for m in fresh] == ["SparseLinear", "LayerNorm", "SparseLinear", "SparseLinear"]
+    assert [m.layout for m in (fresh[0], fresh[2], fresh[3])] == ["cutlass", "packed", "packed"]
+    assert str(fresh[3].pattern) == "2:6" and fresh[3].padded_shape == (12, 12)
+    assert torch.equal(run(fresh), run(model))
+
+
+def test_round_trip_into_a_sparsified_model_keeps_its_backend(saved):
+    model, path = saved
+    target = build_model()
+    nxm.sparsify(target, "2:4", include=["0", "2"], backend="reference")
+    target[3] = SparseLinear.from_dense(target[3], "2:6")
+    nxm.load(path, target)
+    assert target[0].backend == "reference"
+    assert torch.equal(run(target), run(model))
+
+
+def test_load_converts_to_the_models_dtype(saved):
+    model, path = saved
+    fresh = nxm.load(path, build_model().float())
+    assert fresh[0].values.dtype == torch.float32 and fresh[0].layout == "packed"  # fp32 cutlass is 1:2 only
+    assert torch.equal(fresh[0].to_dense().weight, model[0].to_dense().weight.float())
+
+
+def test_load_without_a_model(saved):
+    model, path = saved
+    checkpoint = nxm.load(path)
+    assert isinstance(checkpoint, SparseCheckpoint)
+    assert sorted(checkpoint.layers) == ["0", "2", "3"] and sorted(checkpoint.tensors) == ["1.bias", "1.weight"]
+    assert checkpoint.header["info"] == {"source": "test"} and checkpoint.header["nxm_version"] == nxm.__version__
+    x = torch.randn(2, 64).half()
+    assert torch.equal(checkpoint.layers["0"](x), model[0](x))
+
+
+@pytest.mark.parametrize("layout", ["cutlass", "packed"])
+def test_fp16_2_4_takes_at_most_9_16_of_dense_bytes(tmp_path, layout):
+    torch.manual_seed(0)
+    dense = nn.Sequential(*(nn.Linear(256, 256) for _ in range(3))).half()
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, tmp_path / "dense.safetensors")
+    sparse = nn.Sequential(*(SparseLinear.from_dense(layer, "2:4", layout=layout) for layer in dense))
+    nxm.save(sparse, tmp_path / "sparse.safetensors")
+    ratio = os.path.getsize(tmp_path / "sparse.safetensors") / os.path.getsize(tmp_path / "dense.safetensors")
+    assert ratio <= 9 / 16 + 0.02, ratio
+
+
+def test_tied_tensors_are_stored_once(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 64)
+            self.body = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 32, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    report = nxm.sparsify(model)
+    assert list(report.converted) == ["body"] and "head" in report.skipped
+    nxm.save(model, tmp_path / "tied.safetensors")
+    with safe_open(tmp_path / "tied.safetensors", "pt") as f:
+        assert "head.weight" not in f.keys()
+        assert json.loads(f.metadata()["nxm"])["aliases"] == {"head.weight": "embed.weight"}
+    fresh = nxm.load(tmp_path / "tied.safetensors", Tied())
+    assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)
+
+
+def test_views_of_one_storage_are_saved(tmp_path):
+    model = nn.Linear(8, 8)
+    both = torch.arange(8.0)
+    model.register_buffer("low", both[:6])
+    model.register_buffer("high", both[2:])
+    nxm.save(model, tmp_path / "views.safetensors")  # safetensors alone refuses overlapping memory
+    tensors = nxm.load(tmp_path / "views.safetensors").tensors
+    assert tensors["low"].tolist() == [0, 1, 2, 3, 4, 5] and tensors["high"].tolist() == [2, 3, 4, 5, 6, 7]
+
+
+# ---------------------------------------------------------------- refusing bad files
+
+
+def rewrite(path, edit_tensors=None, edit_header=None):
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors, header = load_file(path), json.loads(metadata["nxm"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_header:
+        edit_header(header)
+    save_file(tensors, path, metadata={"nxm": json.dumps(header)})
+
+
+def set_tensor(key, make):
+    return lambda t: t.__setitem__(key, make(t[key]))
+
+
+def set_layer(layer, field, value):
+    return lambda h: h["layers"][layer].__setitem__(field, value)
+
+
+TAMPERING = {
+    "values shape": (set_tensor("0.values", lambda v: v[:, :-2].contiguous()), None, r"layer '0': values have shape"),
+    "index repeated": (set_tensor("2.metadata", torch.zeros_like), None, r"layer '2'.*index repeated within its group"),
+    "index out of range": (
+        set_tensor("3.metadata", lambda m: torch.full_like(m, 0xFF)),
+        None,
+        r"layer '3'.*index out of range \[0, 6\)",
+    ),
+    "cutlass metadata": (set_tensor("0.metadata", torch.zeros_like), None, r"layer '0': corrupt cutlass metadata"),
+    "pattern changed": (None, set_layer("2", "pattern", "1:4"), r"layer '2': values have shape"),
+    "pattern the layout cannot hold": (None, set_layer("0", "pattern", "1:2"), r"holds torch.float16 only as 2:4"),
+    "unparsable pattern": (None, set_layer("0", "pattern", "two of four"), r"layer '0': pattern: cannot parse"),
+    "shape": (None, set_layer("0", "shape", [64, 128]), r"layer '0'"),
+    "in_features": (None, set_layer("2", "in_features", 1000), r"layer '2': a 10x1000 .* is stored as 10x1000"),
+    "negative size": (None, set_layer("2", "out_features", -10), r"must be positive integers"),
+    "dtype": (
+        None,
+        set_layer("0", "dtype", "bfloat16"),
+        r"values are torch.float16 but the header says torch.bfloat16",
+    ),
+    "layout": (None, set_layer("0", "layout", "cusparselt"), r"layout 'cusparselt' is not one a checkpoint stores"),
+    "extra field": (None, set_layer("0", "trust_me", True), r"exactly the fields"),
+    "missing tensor": (lambda t: t.pop("2.bias"), None, r"tensor\(s\) 2.bias missing"),
+    "bias shape": (
+        set_tensor("2.bias", lambda b: torch.zeros(11, dtype=b.dtype)),
+        None,
+        r"bias must be torch.float16 \[10\]",
+    ),
+    "bad alias": (None, lambda h: h["aliases"].__setitem__("1.weight", "nowhere"), r"alias '1.weight' -> 'nowhere'"),
+    "format version": (None, lambda h: h.__setitem__("format_version", 99), r"format_version 99"),
+    "not our format": (None, lambda h: h.__setitem__("format", "other"), r"does not say format"),
+}
+
+
+@pytest.mark.parametrize("case", TAMPERING)
+def test_tampered_file_is_refused(saved, case):
+    _, path = saved
+    edit_tensors, edit_header, message = TAMPERING[case]
+    rewrite(path, edit_tensors, edit_header)
+    with pytest.raises(nxm.CheckpointError, match=message):
+        nxm.load(path)
+    fresh = build_model()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(nxm.CheckpointError, match=message):
+        nxm.load(path, fresh)
+    assert all(isinstance(fresh[i], nn.Linear) for i in (0, 2, 3))  # the model was not touched
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("cut", [1, 100, 2000])
+def test_truncated_file_is_refused(saved, cut):
+    _, path = saved
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut])
+    with pytest.raises(nxm.CheckpointError, match="truncated or corrupt"):
+        nxm.load(path)
+
+
+def test_files_that_are_not_checkpoints_are_refused(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, plain)
+    with pytest.raises(nxm.CheckpointError, match="no nxm header.*not one written by nxm.save"):
+        nxm.load(plain)
+    garbage = tmp_path / "garbage.safetensors"
+    save_file({"w": torch.zeros(2)}, garbage, metadata={"nxm": "{not json"})
+    with pytest.raises(nxm.CheckpointError, match="not valid JSON"):
+        nxm.load(garbage)
+    pickled = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, pickled)  # a pickle is never unpickled
+    with pytest.raises(nxm.CheckpointError, match="not a readable safetensors file"):
+        nxm.load(pickled)
+    with pytest.raises(nxm.CheckpointError, match="no such file"):
+        nxm.load(tmp_path / "missing.safetensors")
+
+
+def test_file_that_does_not_fit_the_model_is_refused(saved):
+    _, path = saved
+    wrong_size = build_model()
+    wrong_size[2] = nn.Linear(64, 11).half()
+    with pytest.raises(nxm.CheckpointError, match=r"layer '2' is 64->10 in the file but 64->11 in the model"):
+        nxm.load(path, wrong_size)
+    other_dense = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 10), nn.Linear(10, 12))
+    with pytest.raises(nxm.CheckpointError, match=r"does not fit this model: missing 1.num_batches_tracked"):
+        nxm.load(path, other_dense)
+    not_linear = build_model()
+    not_linear[2] = nn.Identity()
+    with pytest.raises(nxm.CheckpointError, match="layer '2' is sparse in the file but the model has Identity"):
+        nxm.load(path, not_linear)
+    other_pattern = build_model()
+    other_pattern[3] = SparseLinear.from_dense(other_pattern[3], "2:4")
+    with pytest.raises(nxm.CheckpointError, match="pattern mismatch: layer '3' is 2:6 in the file but 2:4"):
+        nxm.load(path, other_pattern)

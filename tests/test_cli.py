@@ -1,0 +1,124 @@
+"""The `nxm` command, called in-process through cli.main (one run through `python -m`)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nxm_kernels as nxm
+from nxm_kernels import cli
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("sparsify", "inspect", "backends", "bench", "demo"):
+        assert command in out
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in ([], ["frobnicate"], ["sparsify", "demo"]):  # no command, unknown, missing --output
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+
+
+def test_sparsify_demo_then_inspect(tmp_path, capsys):
+    out = tmp_path / "demo.nxm.safetensors"
+    assert cli.main(["sparsify", "demo", "-o", str(out), "--exclude", "head"]) == 0
+    captured = capsys.readouterr()
+    assert "converted 12 linear layer(s), skipped 1" in captured.out and "head: excluded by 'head'" in captured.out
+    assert f"next: nxm inspect {out}" in captured.out
+    assert "[##############################] 13/13" in captured.err  # the progress bar
+    model = nxm.load(out, cli.DemoTransformer().half())
+    assert isinstance(model.blocks[0].up, nxm.SparseLinear) and model.blocks[0].up.values.dtype == torch.float16
+
+    assert cli.main(["inspect", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "sparse layers 12 (pattern 2:4)" in shown and "blocks.1.down" in shown
+    assert "source       demo (nxm_kernels.cli.DemoTransformer)" in shown
+    assert "validation   OK" in shown
+
+
+def test_sparsify_a_hugging_face_directory(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    out = tmp_path / "bert.nxm.safetensors"
+    assert cli.main(["sparsify", str(tmp_path / "bert"), "-o", str(out), "--dtype", "float32", "-q"]) == 0
+    assert "converted 7 linear layer(s)" in capsys.readouterr().out  # q, k, v, o, up, down, pooler
+    checkpoint = nxm.load(out)
+    assert checkpoint.header["info"]["architecture"] == "transformers.BertModel"
+    rebuilt = nxm.load(out, transformers.BertModel(transformers.BertConfig(**checkpoint.header["info"]["config"])))
+    original = transformers.BertModel.from_pretrained(tmp_path / "bert").eval()
+    nxm.sparsify(original)
+    tokens = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(tokens).last_hidden_state, original(tokens).last_hidden_state)
+
+
+def test_failures_exit_1_and_say_what_to_do(tmp_path, capsys):
+    assert cli.main(["sparsify", str(tmp_path), "-o", str(tmp_path / "x")]) == 1
+    assert "neither 'demo' nor a model directory with a config.json" in capsys.readouterr().err
+    assert cli.main(["sparsify", "demo", "-o", str(tmp_path / "x"), "--pattern", "4:2"]) == 1
+    assert "unsupported pattern 4:2" in capsys.readouterr().err
+    assert cli.main(["sparsify", "demo", "-o", str(tmp_path / "x"), "--backend", "cuda9"]) == 1
+    assert "unknown backend 'cuda9': choose 'auto' or one of" in capsys.readouterr().err
+    assert cli.main(["sparsify", "demo", "-o", str(tmp_path / "x"), "--include", "nothing*"]) == 1
+    assert "no layer was converted" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path / "missing.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "invalid checkpoint" in err and "no such file" in err
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    assert cli.main(["inspect", str(broken)]) == 1
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_backends(capsys, monkeypatch):
+    monkeypatch.delenv("NXM_BACKEND", raising=False)
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    for name, why in nxm.backends().items():
+        assert any(
+            line.split()[:2] == [name, "available" if why is None else "unavailable:"]
+            for line in out.splitlines()
+            if line.strip()
+        )
+        assert why is None or why in out
+    assert "NXM_BACKEND is not set" in out
+
+
+def test_bench_runs_the_benchmark_suite(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda command, cwd: calls.append((command, cwd)) or 3)
+    assert cli.main(["bench", "--", "-k", "matmul"]) == 3  # the suite's exit code comes back
+    assert calls == [([sys.executable, "-m", "benchmarks.run", "--", "-k", "matmul"], cli.benchmarks_dir().parent)]
+    assert cli.main(["bench", "--full", "--", "-k", "nn"]) == 3  # the runner's own options pass through
+    assert calls[-1][0][3:] == ["--full", "--", "-k", "nn"]
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path / "none")
+    assert cli.main(["bench"]) == 1
+
+
+def test_demo_runs_the_demo(monkeypatch):
+    from nxm_kernels import demo
+
+    calls = []
+    monkeypatch.setattr(demo, "main", lambda: calls.append(True))
+    assert cli.main(["demo"]) == 0 and calls == [True]
+
+
+def test_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "nxm_kernels.cli", "backends"], capture_output=True, text=True)
+    assert result.returncode == 0 and "reference" in result.stdout
