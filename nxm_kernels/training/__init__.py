@@ -1,0 +1,27 @@
+"""Training N:M-sparse weights: ADMM (NxMTransformer) and the baselines it is measured against.
+
+All three share one loop::
+
+    sparsifier = ADMMSparsifier(model, "2:4", rho=1e-3, rho_schedule=geometric_rho(100, steps))
+    for batch in data:
+        loss = task_loss(model, batch) + sparsifier.penalty()
+        loss.backward(); opt.step(); opt.zero_grad()
+        sparsifier.step()
+    sparsifier.finalize()        # W = project(W); masks fixed
+    ...                          # masked fine-tuning: same loop, the pattern holds exactly
+    nxm.sparsify(model)          # -> SparseLinear, same outputs
+"""
+
+from .admm import ADMMSparsifier, geometric_rho
+from .baselines import MagnitudePruner, SRSTESparsifier
+from .common import DEFAULT_EXCLUDE, NMSparsifier, select_linears
+
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "ADMMSparsifier",
+    "MagnitudePruner",
+    "NMSparsifier",
+    "SRSTESparsifier",
+    "geometric_rho",
+    "select_linears",
+]

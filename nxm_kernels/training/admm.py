@@ -1,0 +1,165 @@
+"""ADMM for N:M sparsity while fine-tuning (NxMTransformer, NeurIPS 2021), in scaled form.
+
+Minimise f(W) subject to W in S (the N:M set) by splitting W = Z, Z in S, scaled dual U:
+
+- W-step: optimizer steps on f(W) + rho/2 ||W - Z + U||^2;
+- Z-step, every ``update_every`` steps: Z = project(W + U) (the Euclidean projection onto S);
+- U-step: U = U + W - Z;
+
+until ||W - Z|| is small; then ``finalize()`` hard-prunes W = project(W) and fixes the masks.
+
+Two ways to apply the rho term, because adaptive optimizers change what it means:
+
+- ``penalty="loss"`` (the paper's): add ``admm.penalty()`` to the loss. Under Adam every weight
+  moves at most about lr per step whatever the gradient, so a large rho cannot pull W onto Z
+  faster; it suits SGD.
+- ``penalty="proximal"`` (decoupled, like AdamW's weight decay): ``penalty()`` is zero and
+  ``step()`` applies the exact proximal step of rho/2 ||W - Z + U||^2 after each optimizer step,
+  W = (W + rho (Z - U)) / (1 + rho), so rho is the fraction of the way to Z - U moved per step,
+  independent of the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..pattern import PatternLike
+from .common import NMSparsifier, Selector, _norm_sq
+
+PENALTIES = ("loss", "proximal")
+
+
+def geometric_rho(factor: float, steps: int) -> Callable[[int], float]:
+    """A ``rho_schedule``: rho grows geometrically to ``factor`` times its start over ``steps``,
+    then stays there (rho 1e-3 with factor 100 reaches 1e-1)."""
+    if factor <= 0 or steps <= 0:
+        raise ValueError(f"geometric_rho needs factor > 0 and steps > 0, got factor={factor}, steps={steps}")
+    return lambda step: factor ** min(step / steps, 1.0)
+
+
+class ADMMSparsifier(NMSparsifier):
+    """ADMM towards N:M weights on the targeted ``nn.Linear`` layers of ``model``.
+
+    ``rho_schedule`` maps the step count to a multiplier of ``rho`` (as ``LambdaLR`` does for the
+    learning rate), e.g. :func:`geometric_rho`. Z and U live on each weight's device, in fp32
+    when the weight is fp16/bf16 (master copies), else in the weight's dtype.
+    Build it after wrapping the model in DDP: every rank then holds the same W, hence the same
+    Z and U, with no communication of its own.
+    """
+
+    kind = "admm"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pattern: PatternLike = "2:4",
+        rho: float = 1e-3,
+        rho_schedule: Callable[[int], float] | None = None,
+        update_every: int = 16,
+        include: Selector = None,
+        exclude: Selector = None,
+        penalty: str = "loss",
+    ):
+        super().__init__(model, pattern, include, exclude)
+        if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
+            raise ValueError(f"rho must be a positive number, got {rho!r}")
+        if not (isinstance(update_every, int) and update_every >= 1):
+            raise ValueError(
+                f"update_every must be a positive int (optimizer steps per Z/U update), got {update_every!r}"
+            )
+        if penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r}")
+        self.base_rho = float(rho)
+        self.rho_schedule = rho_schedule
+        self.update_every = update_every
+        self.penalty_mode = penalty
+        self.rho = self._scheduled_rho(0)
+        self.Z: dict[str, torch.Tensor] = {}
+        self.U: dict[str, torch.Tensor] = {}
+        self.last_dual = 0.0
+        with torch.no_grad():
+            for name, module in self.targets.items():
+                w = self._master(module.weight)
+                self.Z[name] = ops.project(w, self.pattern)
+                self.U[name] = torch.zeros_like(w)
+
+    def penalty(self) -> torch.Tensor:
+        """rho/2 * sum ||W - Z + U||^2 (zero once finalized, or with ``penalty="proximal"``)."""
+        if self.finalized or self.penalty_mode != "loss":
+            return self._zero()
+        total = sum(
+            (module.weight.to(self.Z[n].dtype) - self.Z[n] + self.U[n]).pow(2).sum()
+            for n, module in self.targets.items()
+        )
+        return 0.5 * self.rho * total
+
+    def residual(self) -> dict:
+        """Relative primal ||W - Z|| / ||W||, dual ||Z - Z_prev|| / ||W|| of the last Z-step, rho."""
+        if self.finalized:
+            return {"primal": 0.0, "dual": 0.0, "rho": self.rho}
+        with torch.no_grad():
+            weights = [self._master(m.weight) for m in self.targets.values()]
+            w_sq = max(_norm_sq(weights), 1e-30)
+            primal = _norm_sq(w - self.Z[n] for w, n in zip(weights, self.targets))
+        return {"primal": (primal / w_sq) ** 0.5, "dual": (self.last_dual / w_sq) ** 0.5, "rho": self.rho}
+
+    def finalize(self) -> "ADMMSparsifier":
+        """W = project(W), masks fixed; Z and U are dropped."""
+        super().finalize()
+        self.Z, self.U = {}, {}
+        return self
+
+    def _sparsify_step(self) -> None:
+        with torch.no_grad():
+            if self.penalty_mode == "proximal":
+                for n, module in self.targets.items():
+                    w = self._master(module.weight)
+                    module.weight.copy_((w + self.rho * (self.Z[n] - self.U[n])) / (1 + self.rho))
+            if self.steps % self.update_every == 0:
+                self._update_z_u()
+            new_rho = self._scheduled_rho(self.steps)
+            if new_rho != self.rho:
+                # Scaled form: U is the dual divided by rho, so it rescales when rho changes.
+                for u in self.U.values():
+                    u.mul_(self.rho / new_rho)
+                self.rho = new_rho
+
+    def _update_z_u(self) -> None:
+        dual = 0.0
+        for n, module in self.targets.items():
+            w = self._master(module.weight)
+            z = ops.project(w + self.U[n], self.pattern)
+            dual += float((z - self.Z[n]).pow(2).sum())
+            self.Z[n] = z
+            self.U[n].add_(w - z)
+        self.last_dual = dual
+
+    def _scheduled_rho(self, step: int) -> float:
+        return self.base_rho * (self.rho_schedule(step) if self.rho_schedule is not None else 1.0)
+
+    @staticmethod
+    def _master(w: torch.Tensor) -> torch.Tensor:
+        w = w.detach()
+        return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(
+            rho=self.rho,
+            last_dual=self.last_dual,
+            Z={n: z.clone() for n, z in self.Z.items()},
+            U={n: u.clone() for n, u in self.U.items()},
+        )
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.rho = float(state["rho"])
+        self.last_dual = float(state["last_dual"])
+        self.Z = {n: z.to(self.targets[n].weight.device) for n, z in state["Z"].items()}
+        self.U = {n: u.to(self.targets[n].weight.device) for n, u in state["U"].items()}
