@@ -603,8 +603,11 @@ def sparsify(
         for child_name, _ in parent.named_children():
             parents[f"{parent_name}.{child_name}" if parent_name else child_name] = (parent, child_name)
 
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    for done, (name, linear) in enumerate(linears, 1):
+    # Names, not modules: holding the modules would keep every dense weight alive until the end;
+    # looking each layer up as it is swapped lets the converted ones go (conversion streams).
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for done, name in enumerate(names, 1):
+        linear = model.get_submodule(name)
         why, layer_scores = _skip_reason(name, linear, include, exclude, scores, owners, parents)
         if why is None:
             try:
@@ -625,7 +628,7 @@ def sparsify(
         else:
             report.skipped[name] = why
         if progress is not None:
-            progress(done, len(linears), name)
+            progress(done, len(names), name)
     report.params_after, report.bytes_after = model_size(model)
     return report
 

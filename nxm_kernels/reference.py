@@ -32,14 +32,6 @@ def magnitude_keys(w: torch.Tensor) -> torch.Tensor:
     return bits & torch.iinfo(bits.dtype).max
 
 
-def nonfinite(t: torch.Tensor) -> torch.Tensor:
-    """Bool mask of NaN/Inf, from the bits (faster than isfinite for fp16/bf16 on CPU)."""
-    if not t.is_floating_point():
-        return torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-    inf_bits = as_bits(torch.tensor(float("inf"), dtype=t.dtype)).item()
-    return magnitude_keys(t) >= inf_bits  # exponent all ones
-
-
 def selection_keys(w: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
     """What selection compares: ``|w|``, or ``scores`` in a dtype where comparison is exact."""
     if scores is None:
