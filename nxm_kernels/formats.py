@@ -43,6 +43,15 @@ def cusparselt_multiples(dtype: torch.dtype) -> tuple[int, int]:
     return weight, weight // 2
 
 
+# The layouts the hardware reads: (pattern per dtype, (rows, cols) multiples, why those multiples).
+HARDWARE_LAYOUTS = {
+    "cutlass": (CUTLASS_PATTERN, cutlass_multiples, "CUTLASS's metadata reordering"),
+    "cusparselt": (
+        CUSPARSELT_PATTERN, lambda dtype: (cusparselt_multiples(dtype)[0],) * 2, "cuSPARSELt's structured operand"
+    ),
+}
+
+
 def check_layout(dtype: torch.dtype, shape, pattern: Pattern, layout: str) -> None:
     """Raise a ValueError that names what ``layout`` needs if it cannot hold this weight."""
     if layout not in LAYOUTS:
@@ -56,33 +65,21 @@ def check_layout(dtype: torch.dtype, shape, pattern: Pattern, layout: str) -> No
     if len(shape) != 2:
         raise ValueError(f"compressed weights are 2-D [out_features, in_features], got shape {tuple(shape)}")
     check_groups(shape, pattern)
-    if layout == "cutlass":
-        need = CUTLASS_PATTERN[dtype]
+    if layout in HARDWARE_LAYOUTS:
+        patterns, multiples, why = HARDWARE_LAYOUTS[layout]
+        need = patterns[dtype]
         if pattern != need:
             raise ValueError(
-                f"layout 'cutlass' holds {dtype} only as {need} (the Sparse Tensor Core pattern), "
+                f"layout {layout!r} holds {dtype} only as {need} (the Sparse Tensor Core pattern), "
                 f"not {pattern}: use pattern '{need}' or layout='packed'"
             )
-        row_mult, col_mult = cutlass_multiples(dtype)
+        row_mult, col_mult = multiples(dtype)
         rows, cols = shape
         if rows % row_mult or cols % col_mult:
             raise ValueError(
-                f"layout 'cutlass' for {dtype} needs rows divisible by {row_mult} and columns by "
-                f"{col_mult}, got {rows}x{cols}: pad the weight (SparseLinear does) or use layout='packed'"
-            )
-    if layout == "cusparselt":
-        need = CUSPARSELT_PATTERN[dtype]
-        if pattern != need:
-            raise ValueError(
-                f"layout 'cusparselt' holds {dtype} only as {need} (the Sparse Tensor Core pattern), "
-                f"not {pattern}: use pattern '{need}' or layout='packed'"
-            )
-        mult = cusparselt_multiples(dtype)[0]
-        rows, cols = shape
-        if rows % mult or cols % mult:
-            raise ValueError(
-                f"layout 'cusparselt' for {dtype} needs rows and columns divisible by {mult} (cuSPARSELt's "
-                f"structured operand), got {rows}x{cols}: pad the weight (SparseLinear does) or use layout='packed'"
+                f"layout {layout!r} for {dtype} needs rows divisible by {row_mult} and columns by "
+                f"{col_mult}, got {rows}x{cols} ({why}): pad the weight (SparseLinear does) or use "
+                "layout='packed'"
             )
 
 
