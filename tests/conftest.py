@@ -31,6 +31,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def tiny_bert_config(**overrides):
+    """A BertConfig small enough for CPU tests, built locally (no download)."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=16)
+    return transformers.BertConfig(**{**sizes, **overrides})
+
+
 def random_weight(shape, dtype, generator=None, zero_fraction=0.0):
     """A weight with ties and zeros in it when asked, in any supported dtype."""
     if dtype == torch.int8:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nxm_kernels as nxm
+from conftest import tiny_bert_config
 from nxm_kernels import cli
 
 
@@ -45,14 +46,7 @@ def test_sparsify_demo_then_inspect(tmp_path, capsys):
 
 def test_sparsify_a_hugging_face_directory(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
+    config = tiny_bert_config()
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     out = tmp_path / "bert.nxm.safetensors"

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FLOAT_DTYPES, assert_matmul_close
+from conftest import FLOAT_DTYPES, assert_matmul_close, tiny_bert_config
 from torch import nn
 
 import nxm_kernels as nxm
@@ -428,14 +428,8 @@ def test_sparsify_skips_what_it_cannot_convert_safely():
 
 def test_sparsify_hugging_face_bert():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=32,
-    )
+    config = tiny_bert_config(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128, max_position_embeddings=32)
     torch.manual_seed(0)
     model = transformers.BertForMaskedLM(config).eval()
     tokens = torch.randint(0, 100, (2, 16))

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import nxm_kernels as nxm
+from conftest import tiny_bert_config
 from nxm_kernels.training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho, select_linears
 
 
@@ -367,14 +368,7 @@ def test_convergence_on_a_learnable_task():
 
 def test_sparsify_after_admm_changes_no_output():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
+    config = tiny_bert_config(num_hidden_layers=2)
     torch.manual_seed(0)
     model = transformers.BertModel(config, add_pooling_layer=False).eval()
     ids = torch.randint(0, 64, (3, 10))

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 import run  # noqa: E402
 import sentiment  # noqa: E402
+from conftest import tiny_bert_config  # noqa: E402
 
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "the", "film", "was", "a", "plot"]
 
@@ -41,14 +42,7 @@ def _sentences(n, seed):
 
 
 def _encoder():
-    config = transformers.BertConfig(
-        vocab_size=16,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=16,
-    )
+    config = tiny_bert_config(vocab_size=16)
     return transformers.BertModel(config, add_pooling_layer=False)
 
 
