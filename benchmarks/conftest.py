@@ -37,15 +37,6 @@ def _deterministic():
     torch.manual_seed(0)
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 def _git_describe() -> str:
     root = Path(__file__).resolve().parents[1]
     try:

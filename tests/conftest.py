@@ -22,15 +22,6 @@ PATTERNS = ("1:2", "2:4", "1:4", "2:8", "4:8", "3:8", "1:16", "8:16", "2:3", "5:
 CUTLASS_CASES = ((torch.float16, "2:4"), (torch.bfloat16, "2:4"), (torch.int8, "2:4"), (torch.float32, "1:2"))
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 def tiny_bert_config(**overrides):
     """A BertConfig small enough for CPU tests, built locally (no download)."""
     transformers = pytest.importorskip("transformers")
