@@ -42,6 +42,19 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results"), help="results directory")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. 'reduced budget')")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--dense-cache",
+        default=None,
+        help="directory that keeps each seed's dense-phase snapshot, so that runs split over several "
+        "processes share it (e.g. experiments/.cache)",
+    )
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="instead of training, merge finished runs of the same settings (seeds or methods run in "
+        "separate processes) into one table named --name",
+    )
     defaults = sentiment.Config()
     for f in fields(sentiment.Config):
         if f.name == "extra":
@@ -56,8 +69,10 @@ def table(summary, results, methods):
     base = summary.get("magnitude", {}).get("mean")
     dense = summary.get("dense", {}).get("mean")
     lines = [
-        "| method | test accuracy (mean ± std) | per seed | vs magnitude | vs dense "
-        "| acc. right after hard prune | rel. residual at prune | exactly N:M |",
+        (
+            "| method | test accuracy (mean ± std) | per seed | vs magnitude | vs dense "
+            "| acc. before / right after hard prune | rel. residual at prune | exactly N:M |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
@@ -65,13 +80,17 @@ def table(summary, results, methods):
             continue
         s = summary[m]
         rows = [r for r in results if r["method"] == m]
-        at_prune = [r["acc_at_prune"] for r in rows if "acc_at_prune" in r]
+        at_prune = [
+            (f"{r['acc_before_prune']:.4f} / " if "acc_before_prune" in r else "") + f"{r['acc_at_prune']:.4f}"
+            for r in rows
+            if "acc_at_prune" in r
+        ]
         resid = [r["residual_before_prune"] for r in rows if r.get("residual_before_prune") is not None]
         exact = {r["exact_nm"] for r in rows}
         vs_base = "" if base is None or m == "magnitude" else f"{100 * (s['mean'] - base):+.2f} pt"
         vs_dense = "" if dense is None or m == "dense" else f"{100 * (s['mean'] - dense):+.2f} pt"
         per_seed = ", ".join(f"{a:.4f}" for a in s["accs"])
-        prune = ", ".join(f"{a:.4f}" for a in at_prune)
+        prune = ", ".join(at_prune)
         resids = ", ".join(f"{r:.3f}" for r in resid)
         nm = "n/a" if exact == {None} else ("yes" if exact == {True} else "NO")
         mean_std = f"{s['mean']:.4f} ± {s['std']:.4f}" if len(s["accs"]) > 1 else f"{s['mean']:.4f} (1 seed)"
@@ -133,8 +152,51 @@ def write_summary(out: Path):
     (out / "SUMMARY.md").write_text("\n".join(lines))
 
 
+def combine(paths, note=""):
+    """One run's data from finished runs of the same settings (``threads`` aside): their rows,
+    seeds and methods merged, their commands listed. A (seed, method) found twice is an error."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    settings = [{k: v for k, v in r["config"].items() if k != "threads"} for r in runs]
+    for path, other in zip(paths[1:], settings[1:]):
+        if other != settings[0]:
+            diff = sorted(k for k in other if other[k] != settings[0].get(k))
+            raise SystemExit(f"cannot combine {path} with {paths[0]}: settings differ in {diff}")
+    results, seen = [], set()
+    for path, run in zip(paths, runs):
+        for row in run["results"]:
+            key = (row["seed"], row["method"])
+            if key in seen:
+                raise SystemExit(f"seed {key[0]} of {key[1]!r} appears twice (again in {path}): combine it once")
+            seen.add(key)
+            results.append(row)
+    methods = list(dict.fromkeys(m for run in runs for m in run["methods"]))
+    results.sort(key=lambda r: (r["seed"], methods.index(r["method"])))
+    return {
+        "note": note or " ".join(filter(None, (r.get("note") for r in runs))),
+        "complete": all(r.get("complete") for r in runs),
+        "command": "\n".join(r["command"] for r in runs),
+        "config": runs[0]["config"],
+        "seeds": sorted({r["seed"] for r in results}),
+        "methods": methods,
+        "results": results,
+        "summary": sentiment.summarize(results, methods),
+        "wall_seconds": sum(r["wall_seconds"] for r in runs),
+        "combined_from": [Path(p).name for p in paths],
+        "environment": runs[0].get("environment"),
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.combine:
+        if not args.name:
+            raise SystemExit("--combine needs --name for the merged results")
+        out = Path(args.out)
+        data = combine(args.combine, args.note)
+        (out / f"{args.name}.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_summary(out)
+        print(table(data["summary"], data["results"], data["methods"]))
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m.strip() for m in args.methods.split(";")]
     for method in methods:
@@ -191,6 +253,7 @@ def main(argv=None):
         quiet=args.quiet,
         log=lambda s: print(s, flush=True),
         on_result=lambda rows: write(rows, done=False),
+        cache_dir=args.dense_cache,
     )
     summary = write(results, done=True)
     print(table(summary, results, methods))

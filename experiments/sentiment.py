@@ -17,7 +17,9 @@ from __future__ import annotations
 import bz2
 import copy
 import csv
+import hashlib
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -188,18 +190,20 @@ def _progress(iterable, total, desc, quiet):
     )
 
 
-def train_steps(model, opt, sched, batches, steps, cfg: Config, sparsifier=None, teacher=None, desc="", quiet=False):
+def train_steps(
+    model, opt, sched, batches, steps, cfg: Config, sparsifier=None, teacher=None, distill=0.0, desc="", quiet=False
+):
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     last = {}
     for ids, mask, labels in _progress(batches, steps, desc, quiet):
         logits = model(ids, mask)
         loss = F.cross_entropy(logits, labels)
-        if teacher is not None and cfg.distill > 0:
+        if teacher is not None and distill > 0:
             with torch.no_grad():
                 target = F.softmax(teacher(ids, mask) / cfg.temperature, -1)
             kd = F.kl_div(F.log_softmax(logits / cfg.temperature, -1), target, reduction="batchmean")
-            loss = (1 - cfg.distill) * loss + cfg.distill * cfg.temperature**2 * kd
+            loss = (1 - distill) * loss + distill * cfg.temperature**2 * kd
         total = loss + sparsifier.penalty() if sparsifier is not None else loss
         total.backward()
         if cfg.max_grad_norm:
@@ -213,26 +217,40 @@ def train_steps(model, opt, sched, batches, steps, cfg: Config, sparsifier=None,
     return last
 
 
-ADMM_KEYS = {"penalty": str, "rho": float, "rho_factor": float, "update_every": int}
+# Settings a method may override in ``method[key=value,...]``. ``sparse_epochs`` moves the hard
+# prune inside the same total budget (sparse + fine-tune epochs stay fixed); ``distill`` gives the
+# method distillation from the dense-phase model (give its baseline the same for a fair comparison).
+METHOD_KEYS = {
+    "dense": {},
+    "magnitude": {"distill": float},
+    "srste": {"decay": float, "sparse_epochs": float, "distill": float},
+    "admm": {
+        "penalty": str,
+        "rho": float,
+        "rho_factor": float,
+        "update_every": int,
+        "sparse_epochs": float,
+        "distill": float,
+    },
+}
 
 
 def parse_method(method: str):
     """``"admm"`` or ``"admm[penalty=loss,rho=1e-3,rho_factor=100,update_every=16]"`` (a variant
-    overriding the config's ADMM settings) -> ``(name, overrides)``."""
+    overriding the config's settings, see :data:`METHOD_KEYS`) -> ``(name, overrides)``."""
     name, _, rest = method.partition("[")
-    if name not in METHODS or (rest and (name != "admm" or not rest.endswith("]"))):
-        raise ValueError(
-            f"unknown method {method!r}: choose from {METHODS}, or admm[key=value,...] with keys {list(ADMM_KEYS)}"
-        )
+    if name not in METHODS or (rest and not rest.endswith("]")):
+        raise ValueError(f"unknown method {method!r}: choose from {METHODS}, optionally with [key=value,...]")
+    keys = METHOD_KEYS[name]
     overrides = {}
     for item in filter(None, rest[:-1].split(",")):
         key, _, value = item.partition("=")
-        if key not in ADMM_KEYS:
-            raise ValueError(f"unknown ADMM setting {key!r} in {method!r}: use {list(ADMM_KEYS)}")
+        if key not in keys:
+            raise ValueError(f"unknown setting {key!r} for {name} in {method!r}: use {list(keys) or 'none'}")
         try:
-            overrides[key] = ADMM_KEYS[key](value)
+            overrides[key] = keys[key](value)
         except ValueError:
-            raise ValueError(f"ADMM setting {key}={value!r} in {method!r} is not a {ADMM_KEYS[key].__name__}") from None
+            raise ValueError(f"setting {key}={value!r} in {method!r} is not a {keys[key].__name__}") from None
     return name, overrides
 
 
@@ -241,7 +259,7 @@ def make_sparsifier(method, model, cfg: Config, steps):
     if name == "magnitude":
         return MagnitudePruner(model, cfg.pattern)
     if name == "srste":
-        return SRSTESparsifier(model, cfg.pattern, decay=cfg.srste_decay)
+        return SRSTESparsifier(model, cfg.pattern, decay=overrides.get("decay", cfg.srste_decay))
     admm = {
         "penalty": cfg.admm_penalty,
         "rho": cfg.admm_rho,
@@ -286,24 +304,58 @@ def nm_exact(sparsifier) -> bool:
 
 class Protocol:
     """The steps of one run: ``dense_phase(seed)`` once per seed, then ``sparse_run(method)`` from
-    its snapshot for each method (the same batches, schedule and dropout stream for all)."""
+    its snapshot for each method (the same batches, schedule and dropout stream for all).
 
-    def __init__(self, texts, labels, test_texts, test_labels, load_encoder, tokenizer, cfg: Config, quiet=False):
+    ``cache_dir`` keeps each seed's dense-phase snapshot on disk, keyed by every setting it depends
+    on, so runs split over several processes (a variant, a seed each) share it instead of redoing it.
+    """
+
+    def __init__(
+        self, texts, labels, test_texts, test_labels, load_encoder, tokenizer, cfg: Config, quiet=False, cache_dir=None
+    ):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.load_encoder, self.quiet = cfg, load_encoder, quiet
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.train = Batches(tokenizer, texts[: cfg.train_size], labels[: cfg.train_size], cfg.max_length)
         self.test = Batches(tokenizer, test_texts[: cfg.test_size], test_labels[: cfg.test_size], cfg.max_length)
-        per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
-        self.steps = tuple(round(e * per_epoch) for e in (cfg.dense_epochs, cfg.sparse_epochs, cfg.finetune_epochs))
+        self.per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
+        self.steps = tuple(
+            round(e * self.per_epoch) for e in (cfg.dense_epochs, cfg.sparse_epochs, cfg.finetune_epochs)
+        )
         self.total = sum(self.steps)
 
     def accuracy(self, model):
         return accuracy(model, self.test, self.cfg.eval_batch_size)
 
+    def _cache_path(self, seed):
+        c = self.cfg
+        key = {
+            "version": 1,
+            "seed": seed,
+            "train_size": c.train_size,
+            "test_size": c.test_size,
+            "batch_size": c.batch_size,
+            "max_length": c.max_length,
+            "lr": c.lr,
+            "weight_decay": c.weight_decay,
+            "warmup": c.warmup,
+            "max_grad_norm": c.max_grad_norm,
+            "dense_steps": self.steps[0],
+            "total_steps": self.total,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.cache_dir / f"dense_seed{seed}_{digest}.pt"
+
     def dense_phase(self, seed):
         """Dense fine-tuning shared by every method; returns (test accuracy, seconds)."""
         cfg, d_steps = self.cfg, self.steps[0]
+        path = self._cache_path(seed) if self.cache_dir else None
+        self.seed, self._teacher = seed, None
+        if path is not None and path.exists():
+            saved = torch.load(path, weights_only=True)
+            self.snapshot, self.dense_acc, self.dense_seconds = saved["snapshot"], saved["acc"], saved["seconds"]
+            return self.dense_acc, self.dense_seconds
         torch.manual_seed(seed)
         model, opt, sched = build(None, cfg, self.load_encoder, self.total)
         start = time.perf_counter()
@@ -317,56 +369,69 @@ class Protocol:
             desc=f"seed {seed} dense phase",
             quiet=self.quiet,
         )
-        self.seed, self.dense_seconds = seed, time.perf_counter() - start
+        self.dense_seconds = time.perf_counter() - start
         self.snapshot = (
             copy.deepcopy(model.state_dict()),
             copy.deepcopy(opt.state_dict()),
             copy.deepcopy(sched.state_dict()),
         )
-        self.teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.distill > 0 else None
         self.dense_acc = self.accuracy(model)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")  # atomic: processes may share the cache
+            torch.save({"snapshot": self.snapshot, "acc": self.dense_acc, "seconds": self.dense_seconds}, partial)
+            partial.replace(path)
         return self.dense_acc, self.dense_seconds
+
+    def teacher(self):
+        """The dense-phase model, frozen, for distillation (built on first use)."""
+        if self._teacher is None:
+            self._teacher = SentenceClassifier(self.load_encoder())
+            self._teacher.load_state_dict(self.snapshot[0])
+            self._teacher.eval().requires_grad_(False)
+        return self._teacher
 
     def sparse_run(self, method):
         """``(model, sparsifier or None, result row)`` for ``method`` after the dense phase."""
         cfg, seed = self.cfg, self.seed
+        name, overrides = parse_method(method)
         d_steps, s_steps, f_steps = self.steps
+        if "sparse_epochs" in overrides:  # same total: the hard prune moves, the budget does not
+            s_steps = min(round(overrides["sparse_epochs"] * self.per_epoch), s_steps + f_steps)
+            f_steps = self.steps[1] + self.steps[2] - s_steps
+        distill = overrides.get("distill", cfg.distill) if name != "dense" else 0.0
+        teacher = self.teacher() if distill > 0 else None
         torch.manual_seed(seed + 1)  # dropout stream, the same for every method
         model, opt, sched = build(self.snapshot[0], cfg, self.load_encoder, self.total)
         opt.load_state_dict(self.snapshot[1])
         sched.load_state_dict(self.snapshot[2])
         start = time.perf_counter()
-        sparsifier = None if method == "dense" else make_sparsifier(method, model, cfg, s_steps)
-        teacher = self.teacher if method != "dense" else None
-        train_steps(
-            model,
-            opt,
-            sched,
-            stream(self.train, seed, cfg.batch_size, d_steps, s_steps),
-            s_steps,
-            cfg,
-            sparsifier,
-            teacher,
-            desc=f"seed {seed} {method} sparsify",
-            quiet=self.quiet,
-        )
+        sparsifier = None if name == "dense" else make_sparsifier(method, model, cfg, s_steps)
+
+        def phase(first_step, steps, what):
+            train_steps(
+                model,
+                opt,
+                sched,
+                stream(self.train, seed, cfg.batch_size, first_step, steps),
+                steps,
+                cfg,
+                sparsifier,
+                teacher,
+                distill,
+                desc=f"seed {seed} {method} {what}",
+                quiet=self.quiet,
+            )
+
+        phase(d_steps, s_steps, "sparsify")
         row = {"seed": seed, "method": method, "dense_phase_acc": self.dense_acc}
         if sparsifier is not None:
             row["residual_before_prune"] = sparsifier.residual().get("primal")
+            if isinstance(sparsifier, ADMMSparsifier):  # its W is still dense: what does the prune cost?
+                row["acc_before_prune"] = self.accuracy(model)
             sparsifier.finalize()
             row["acc_at_prune"] = self.accuracy(model)
-        train_steps(
-            model,
-            opt,
-            sched,
-            stream(self.train, seed, cfg.batch_size, d_steps + s_steps, f_steps),
-            f_steps,
-            cfg,
-            sparsifier,
-            teacher,
-            desc=f"seed {seed} {method} fine-tune",
-            quiet=self.quiet,
-        )
+        phase(d_steps + s_steps, f_steps, "fine-tune")
         row["acc"] = self.accuracy(model)
         row["exact_nm"] = None if sparsifier is None else nm_exact(sparsifier)
         row["seconds"] = round(time.perf_counter() - start + self.dense_seconds, 1)
@@ -387,10 +452,11 @@ def train_and_evaluate(
     quiet=False,
     log=print,
     on_result=None,
+    cache_dir=None,
 ):
     """Run every method for every seed; returns a list of per-(seed, method) result dicts
     (``on_result(results so far)`` is called after each, so partial runs leave their numbers)."""
-    protocol = Protocol(texts, labels, test_texts, test_labels, load_encoder, tokenizer, cfg, quiet)
+    protocol = Protocol(texts, labels, test_texts, test_labels, load_encoder, tokenizer, cfg, quiet, cache_dir)
     results = []
     for seed in seeds:
         acc, seconds = protocol.dense_phase(seed)

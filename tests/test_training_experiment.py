@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -95,9 +96,95 @@ def test_protocol_same_steps_exact_pattern_and_results_files(tmp_path):
     [
         ("sgd", "unknown method 'sgd'"),
         ("admm[rho=x]", "rho='x' .* is not a float"),
-        ("admm[mu=1]", "unknown ADMM setting"),
+        ("admm[mu=1]", "unknown setting .mu. for admm"),
+        ("magnitude[rho=1]", "unknown setting .rho. for magnitude"),
     ],
 )
 def test_bad_method_names_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         sentiment.parse_method(bad)
+
+
+def _protocol(cache_dir=None, **overrides):
+    texts, labels = _sentences(96, 0)
+    test_texts, test_labels = _sentences(64, 1)
+    settings = {"train_size": 96, "test_size": 64, "batch_size": 16, "max_length": 8, "lr": 1e-3} | overrides
+    return sentiment.Protocol(
+        texts,
+        labels,
+        test_texts,
+        test_labels,
+        _encoder,
+        WordTokenizer(),
+        sentiment.Config(**settings),
+        quiet=True,
+        cache_dir=cache_dir,
+    )
+
+
+def test_method_settings_move_the_prune_within_the_same_budget_and_add_distillation():
+    protocol = _protocol()
+    protocol.dense_phase(0)
+    _, _, plain = protocol.sparse_run("admm")
+    _, _, early = protocol.sparse_run("admm[sparse_epochs=0.5]")
+    assert plain["steps"] == {"dense": 6, "sparsify": 6, "finetune": 6}
+    assert early["steps"] == {"dense": 6, "sparsify": 3, "finetune": 9}
+    assert "acc_before_prune" in plain and "acc_before_prune" in early
+
+    magnitude, _, _ = protocol.sparse_run("magnitude")
+    distilled, _, _ = protocol.sparse_run("magnitude[distill=0.5]")
+    assert protocol._teacher is not None  # built for the distilled run only
+    assert not torch.equal(magnitude.classifier.weight, distilled.classifier.weight)
+
+
+def test_dense_cache_gives_the_same_run_as_training(tmp_path):
+    fresh = _protocol(cache_dir=tmp_path)
+    acc, _ = fresh.dense_phase(0)
+    assert len(list(tmp_path.glob("dense_seed0_*.pt"))) == 1
+    cached = _protocol(cache_dir=tmp_path)
+    assert cached.dense_phase(0)[0] == acc
+    trained, _, row_a = fresh.sparse_run("admm")
+    reloaded, _, row_b = cached.sparse_run("admm")
+    for a, b in zip(trained.parameters(), reloaded.parameters()):
+        assert torch.equal(a, b)
+    assert row_a["acc"] == row_b["acc"]
+    # A setting the dense phase depends on gets its own snapshot.
+    _protocol(cache_dir=tmp_path, lr=2e-3).dense_phase(0)
+    assert len(list(tmp_path.glob("dense_seed0_*.pt"))) == 2
+
+
+def _run_json(path, seeds, methods, accs, **config):
+    cfg = sentiment.config_dict(sentiment.Config(**config))
+    rows = [
+        {"seed": s, "method": m, "acc": a, "exact_nm": None}
+        for (s, m), a in zip([(s, m) for s in seeds for m in methods], accs)
+    ]
+    data = {
+        "note": "",
+        "complete": True,
+        "command": f"python experiments/run.py --seeds {seeds}",
+        "config": cfg,
+        "seeds": seeds,
+        "methods": methods,
+        "results": rows,
+        "summary": {},
+        "wall_seconds": 60.0,
+    }
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_combine_merges_runs_of_the_same_settings_and_refuses_others(tmp_path):
+    a = _run_json(tmp_path / "a.json", [0], ["dense", "magnitude"], [0.8, 0.7])
+    b = _run_json(tmp_path / "b.json", [1, 2], ["dense", "magnitude"], [0.9, 0.6, 0.85, 0.65], threads=1)
+    data = run.combine([a, b])
+    assert data["seeds"] == [0, 1, 2] and data["methods"] == ["dense", "magnitude"]
+    assert data["summary"]["magnitude"]["accs"] == [0.7, 0.6, 0.65]
+    assert abs(data["summary"]["dense"]["mean"] - 0.85) < 1e-12
+    assert data["command"].count("python experiments/run.py") == 2
+
+    other = _run_json(tmp_path / "c.json", [3], ["dense"], [0.8], lr=1e-4)
+    with pytest.raises(SystemExit, match=r"settings differ in \['lr'\]"):
+        run.combine([a, other])
+    with pytest.raises(SystemExit, match="seed 0 of 'dense' appears twice"):
+        run.combine([a, a])
