@@ -47,18 +47,20 @@ def _encoder():
     return transformers.BertModel(config, add_pooling_layer=False)
 
 
+# 96 training and 64 test sentences, 6 steps of 16 per epoch.
+TINY = {"train_size": 96, "test_size": 64, "batch_size": 16, "max_length": 8, "lr": 1e-3}
+
+
+def _inputs():
+    """The positional inputs of ``Protocol`` / ``train_and_evaluate`` before the config."""
+    return (*_sentences(96, 0), *_sentences(64, 1), _encoder, WordTokenizer())
+
+
 def test_protocol_same_steps_exact_pattern_and_results_files(tmp_path):
-    texts, labels = _sentences(96, 0)
-    test_texts, test_labels = _sentences(64, 1)
-    cfg = sentiment.Config(train_size=96, test_size=64, batch_size=16, max_length=8, lr=1e-3, distill=0.5)
+    cfg = sentiment.Config(**TINY, distill=0.5)
     methods = ["dense", "magnitude", "srste", "admm", "admm[penalty=loss,rho=1e-2]"]
     results = sentiment.train_and_evaluate(
-        texts,
-        labels,
-        test_texts,
-        test_labels,
-        _encoder,
-        WordTokenizer(),
+        *_inputs(),
         cfg,
         [0],
         methods,
@@ -106,20 +108,7 @@ def test_bad_method_names_are_refused(bad, match):
 
 
 def _protocol(cache_dir=None, **overrides):
-    texts, labels = _sentences(96, 0)
-    test_texts, test_labels = _sentences(64, 1)
-    settings = {"train_size": 96, "test_size": 64, "batch_size": 16, "max_length": 8, "lr": 1e-3} | overrides
-    return sentiment.Protocol(
-        texts,
-        labels,
-        test_texts,
-        test_labels,
-        _encoder,
-        WordTokenizer(),
-        sentiment.Config(**settings),
-        quiet=True,
-        cache_dir=cache_dir,
-    )
+    return sentiment.Protocol(*_inputs(), sentiment.Config(**(TINY | overrides)), quiet=True, cache_dir=cache_dir)
 
 
 def test_method_settings_move_the_prune_within_the_same_budget_and_add_distillation():
