@@ -71,9 +71,10 @@ def table(summary, results, methods):
     lines = [
         (
             "| method | test accuracy (mean ± std) | per seed | vs magnitude | vs dense "
-            "| acc. before / right after hard prune | rel. residual at prune | exactly N:M |"
+            "| acc. before / right after hard prune | rel. residual at prune "
+            "| kept weights outside the magnitude mask | exactly N:M |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         if m not in summary:
@@ -92,9 +93,12 @@ def table(summary, results, methods):
         per_seed = ", ".join(f"{a:.4f}" for a in s["accs"])
         prune = ", ".join(at_prune)
         resids = ", ".join(f"{r:.3f}" for r in resid)
+        moved = ", ".join(f"{r['mask_moved']:.1%}" for r in rows if "mask_moved" in r)
         nm = "n/a" if exact == {None} else ("yes" if exact == {True} else "NO")
         mean_std = f"{s['mean']:.4f} ± {s['std']:.4f}" if len(s["accs"]) > 1 else f"{s['mean']:.4f} (1 seed)"
-        lines.append(f"| {m} | {mean_std} | {per_seed} | {vs_base} | {vs_dense} | {prune} | {resids} | {nm} |")
+        lines.append(
+            f"| {m} | {mean_std} | {per_seed} | {vs_base} | {vs_dense} | {prune} | {resids} | {moved} | {nm} |"
+        )
     return "\n".join(lines)
 
 

@@ -298,6 +298,18 @@ def build(encoder_state, cfg: Config, load_encoder, total_steps):
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
+def masks_of(sparsifier) -> dict:
+    """The magnitude N:M mask of every target weight as it is now."""
+    return {n: nxm.nm_mask(m.weight.detach(), sparsifier.pattern) for n, m in sparsifier.targets.items()}
+
+
+def mask_moved(before: dict, after: dict) -> float:
+    """Fraction of the kept weights in ``after`` that ``before`` prunes: 0 when a method keeps the
+    one-shot magnitude mask, how far its own selection moved otherwise."""
+    moved = sum(int((after[n] & ~before[n]).sum()) for n in after)
+    return moved / max(1, sum(int(after[n].sum()) for n in after))
+
+
 def nm_exact(sparsifier) -> bool:
     return all(nxm.is_nm_sparse(m.weight.detach(), sparsifier.pattern) for m in sparsifier.targets.values())
 
@@ -407,6 +419,7 @@ class Protocol:
         sched.load_state_dict(self.snapshot[2])
         start = time.perf_counter()
         sparsifier = None if name == "dense" else make_sparsifier(method, model, cfg, s_steps)
+        magnitude_masks = None if sparsifier is None else masks_of(sparsifier)
 
         def phase(first_step, steps, what):
             train_steps(
@@ -431,6 +444,7 @@ class Protocol:
                 row["acc_before_prune"] = self.accuracy(model)
             sparsifier.finalize()
             row["acc_at_prune"] = self.accuracy(model)
+            row["mask_moved"] = mask_moved(magnitude_masks, sparsifier.masks)
         phase(d_steps + s_steps, f_steps, "fine-tune")
         row["acc"] = self.accuracy(model)
         row["exact_nm"] = None if sparsifier is None else nm_exact(sparsifier)

@@ -72,6 +72,8 @@ def test_protocol_same_steps_exact_pattern_and_results_files(tmp_path):
     assert all(r["exact_nm"] is True for r in results[1:]) and results[0]["exact_nm"] is None
     assert all(0 <= r["acc"] <= 1 for r in results)
     assert results[1]["residual_before_prune"] == 0  # magnitude prunes before its first step
+    assert results[1]["mask_moved"] == 0  # ... and keeps its mask
+    assert all(0 <= r["mask_moved"] <= 1 for r in results[1:])
 
     run.write_summary(tmp_path)  # no JSON yet: an empty summary, not an error
     data = {
@@ -140,6 +142,13 @@ def test_dense_cache_gives_the_same_run_as_training(tmp_path):
     # A setting the dense phase depends on gets its own snapshot.
     _protocol(cache_dir=tmp_path, lr=2e-3).dense_phase(0)
     assert len(list(tmp_path.glob("dense_seed0_*.pt"))) == 2
+
+
+def test_mask_moved_counts_kept_weights_outside_the_first_mask():
+    before = {"a": torch.tensor([[True, True, False, False]]), "b": torch.tensor([[False, True, True, False]])}
+    after = {"a": torch.tensor([[True, False, True, False]]), "b": before["b"].clone()}
+    assert sentiment.mask_moved(before, after) == 1 / 4
+    assert sentiment.mask_moved(before, before) == 0
 
 
 def _run_json(path, seeds, methods, accs, **config):
