@@ -180,8 +180,11 @@ def test_combine_merges_runs_of_the_same_settings_and_refuses_others(tmp_path):
     assert data["summary"]["magnitude"]["accs"] == [0.7, 0.6, 0.65]
     assert abs(data["summary"]["dense"]["mean"] - 0.85) < 1e-12
     assert data["command"].count("python experiments/run.py") == 2
+    c = _run_json(tmp_path / "c.json", [0], ["admm[sparse_epochs=0.5]"], [0.75])
+    section = "\n".join(run.run_section(run.combine([a, b, c]), "#", "all"))
+    assert "Combined from a.json, b.json, c.json. admm[sparse_epochs=0.5] ran on seed 0 only." in section
 
-    other = _run_json(tmp_path / "c.json", [3], ["dense"], [0.8], lr=1e-4)
+    other = _run_json(tmp_path / "d.json", [3], ["dense"], [0.8], lr=1e-4)
     with pytest.raises(SystemExit, match=r"settings differ in \['lr'\]"):
         run.combine([a, other])
     with pytest.raises(SystemExit, match="seed 0 of 'dense' appears twice"):
