@@ -72,6 +72,18 @@ def paired_gap(results, method, reference):
     return f"{100 * sum(gaps) / len(gaps):+.2f} pt" if gaps and method != reference else ""
 
 
+def _per_seed(rows, key, fmt):
+    """One comma-separated cell of ``key`` per seed; "–" where a seed's run did not record it
+    (an older run), "" where none did."""
+    if not any(r.get(key) is not None for r in rows):
+        return ""
+    return ", ".join(_value(r, key, fmt) for r in rows)
+
+
+def _value(row, key, fmt):
+    return fmt.format(row[key]) if row.get(key) is not None else "–"
+
+
 def table(summary, results, methods):
     lines = [
         (
@@ -86,18 +98,16 @@ def table(summary, results, methods):
             continue
         s = summary[m]
         rows = [r for r in results if r["method"] == m]
-        at_prune = [
-            (f"{r['acc_before_prune']:.4f} / " if "acc_before_prune" in r else "") + f"{r['acc_at_prune']:.4f}"
-            for r in rows
-            if "acc_at_prune" in r
-        ]
-        resid = [r["residual_before_prune"] for r in rows if r.get("residual_before_prune") is not None]
+        prune = _per_seed(rows, "acc_at_prune", "{:.4f}")
+        if any("acc_before_prune" in r for r in rows):  # ADMM: its W is still dense before the prune
+            prune = ", ".join(
+                f"{_value(r, 'acc_before_prune', '{:.4f}')} / {_value(r, 'acc_at_prune', '{:.4f}')}" for r in rows
+            )
+        resids = _per_seed(rows, "residual_before_prune", "{:.3f}")
+        moved = _per_seed(rows, "mask_moved", "{:.1%}")
         exact = {r["exact_nm"] for r in rows}
         vs_base, vs_dense = paired_gap(results, m, "magnitude"), paired_gap(results, m, "dense")
         per_seed = ", ".join(f"{a:.4f}" for a in s["accs"])
-        prune = ", ".join(at_prune)
-        resids = ", ".join(f"{r:.3f}" for r in resid)
-        moved = ", ".join(f"{r['mask_moved']:.1%}" for r in rows if "mask_moved" in r)
         nm = "n/a" if exact == {None} else ("yes" if exact == {True} else "NO")
         mean_std = f"{s['mean']:.4f} ± {s['std']:.4f}" if len(s["accs"]) > 1 else f"{s['mean']:.4f} (1 seed)"
         lines.append(
