@@ -23,9 +23,10 @@ Damping (proximal form): between two dual updates the W-steps close a fraction
 than W follows, and a pruned weight swings through zero to the opposite sign before settling (the
 weight and the dual form an under-damped oscillator with a period of about
 2 pi sqrt(update_every / rho) steps): with rho growing from 3e-3 to 9e-2 over 336 steps and
-update_every 4 it reaches -0.6 times its starting value, and |W + U| of a swinging weight can outgrow a kept one, so the mask moves with
-no gradient asking for it. The model trains with those weights flipped meanwhile. Keep
-rho * update_every >= 1.5 (e.g. rho 0.1, update_every 16: under -0.15, the mask stays).
+update_every 4 it reaches -0.6 times its starting value, and |W + U| of a swinging weight can
+outgrow a kept one, so the mask moves with no gradient asking for it. The model trains with those
+weights flipped meanwhile. Keep rho * update_every >= 1.5 (e.g. rho 0.1, update_every 16: under
+-0.15, the mask stays).
 """
 
 from __future__ import annotations
