@@ -14,6 +14,7 @@ All three share one loop::
 
 from .admm import ADMMSparsifier, geometric_rho
 from .baselines import MagnitudePruner, SRSTESparsifier
+from .oneshot import PruneReport, prune
 from .common import DEFAULT_EXCLUDE, NMSparsifier, select_linears
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "MagnitudePruner",
     "NMSparsifier",
     "SRSTESparsifier",
+    "PruneReport",
     "geometric_rho",
+    "prune",
     "select_linears",
 ]
