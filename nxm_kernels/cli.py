@@ -133,6 +133,76 @@ def cmd_sparsify(args) -> int:
     return 0
 
 
+def _load_causal_lm(source: str, gguf_file: str | None, dtype: torch.dtype):
+    """(model, tokenizer, info) of a Hugging Face directory, or of a GGUF file (``source`` itself,
+    or ``gguf_file`` inside the directory ``source``), which transformers dequantizes."""
+    path = Path(source)
+    if gguf_file is None and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    try:
+        import transformers
+    except ImportError:
+        raise CommandError("reading a model needs Hugging Face transformers: pip install transformers") from None
+    gguf = {} if gguf_file is None else {"gguf_file": gguf_file}
+    if gguf_file is None:
+        model, info = _load_source(source, dtype)
+    elif not (path / gguf_file).is_file():
+        raise CommandError(f"no GGUF file {gguf_file!r} in {str(path)!r}")
+    else:  # transformers dequantizes it; reading GGUF needs the `gguf` package (transformers says so)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, **gguf)
+        model.eval()
+        info = {"source": str(path / gguf_file), "architecture": f"transformers.{type(model).__name__}",
+                "config": model.config.to_dict()}
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **gguf)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"no tokenizer for {str(path)!r} ({e}): calibration text needs the model's tokenizer") from None
+    return model, tokenizer, info
+
+
+def _calibration_windows(tokenizer, text_file: str, samples: int, seq_len: int) -> list[dict]:
+    """``samples`` windows of ``seq_len`` tokens, evenly spaced over the tokenized text file."""
+    try:
+        text = Path(text_file).read_text(encoding="utf-8")
+    except OSError as e:
+        raise CommandError(f"cannot read the calibration text: {e}") from None
+    ids = torch.as_tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    if len(ids) < seq_len:
+        raise CommandError(f"{text_file} has {len(ids)} tokens, fewer than --seq-len {seq_len}: give more text")
+    starts = torch.linspace(0, len(ids) - seq_len, samples).long().tolist()
+    return [{"input_ids": ids[s : s + seq_len][None]} for s in starts]
+
+
+def cmd_prune(args) -> int:
+    from . import checkpoint
+    from . import nn as nxm_nn
+    from .pattern import as_pattern
+    from .training import prune
+
+    try:
+        as_pattern(args.pattern)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    if args.samples < 1 or args.seq_len < 1:
+        raise CommandError("--samples and --seq-len must be at least 1")
+    model, tokenizer, info = _load_causal_lm(args.source, args.gguf_file, DTYPES[args.dtype])
+    calibration = _calibration_windows(tokenizer, args.calibration, args.samples, args.seq_len)
+    options = {k: getattr(args, k) for k in ("iterations", "rho", "ramp", "damp") if getattr(args, k) is not None}
+    try:
+        report = prune(model, args.pattern, method=args.method, calibration=calibration, include=args.include,
+                       exclude=args.exclude, progress=False if args.quiet else _progress_bar, **options)
+    except (TypeError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    print(report)
+    # Exactly the pruned layers become SparseLinear; the heads and skipped layers stay dense.
+    converted = nxm_nn.sparsify(model, args.pattern, include=list(report.layers))
+    info["pruned"] = {"method": args.method, "pattern": args.pattern, "samples": args.samples,
+                      "seq_len": args.seq_len, "options": options}
+    checkpoint.save(model, args.output, info=info)
+    print(f"converted {len(converted.converted)} layer(s); wrote {args.output} ({os.path.getsize(args.output):,} bytes)")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from . import checkpoint
 
@@ -242,6 +312,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint")
     p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser(
+        "prune",
+        help="prune a causal LM one-shot (magnitude, Wanda, SparseGPT, ADMM) on calibration text",
+        description="Prune the model's decoder Linears to the pattern with calibration windows cut from a "
+        "text file (nxm.training.prune; the output head stays dense), then convert them with "
+        "nxm.sparsify and save the checkpoint with nxm.save.",
+    )
+    p.add_argument("source", help="a Hugging Face model directory (with its tokenizer), or a .gguf file")
+    p.add_argument("--gguf-file", help="the GGUF file inside the directory SOURCE (transformers' gguf_file=)")
+    p.add_argument("--calibration", required=True, metavar="FILE", help="calibration text (UTF-8)")
+    p.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--method", choices=("magnitude", "wanda", "sparsegpt", "admm"), default="sparsegpt")
+    p.add_argument("--pattern", default="2:4", help="keep n of every m weights along in_features (default 2:4)")
+    p.add_argument("--iterations", type=int, help="admm: iterations (default 20)")
+    p.add_argument("--rho", type=float, help="admm: penalty, relative to the unit scaled diagonal (default 1)")
+    p.add_argument("--ramp", type=int, help="admm: iterations over which the mask is chosen (default 15)")
+    p.add_argument("--damp", type=float, help="sparsegpt/admm: fraction of H's mean diagonal added to it")
+    p.add_argument("-o", "--output", required=True, help="checkpoint to write, e.g. model.nxm.safetensors")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to prune and save in (default float32)")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only layers whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers whose name matches (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_prune)
 
     p = commands.add_parser("backends", help="which backends can run here, and why not")
     p.set_defaults(run=cmd_backends)

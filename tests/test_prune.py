@@ -286,3 +286,42 @@ def test_dead_inputs_are_pruned_first_and_kept_finite():
     for w in (sparsegpt(w0, gram(x), Pattern(2, 4)), admm(w0, gram(x), Pattern(2, 4)).weight):
         assert torch.isfinite(w).all() and bool((w[:, 3] == 0).all()) and nxm.is_nm_sparse(w, "2:4")
 
+
+
+def tiny_llama_directory(path):
+    """A tiny LlamaForCausalLM and a word-level tokenizer, saved with save_pretrained (no download)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "to be or not that is the question whether tis nobler in mind suffer slings and arrows".split()
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return " ".join(words * 8)
+
+
+@pytest.mark.parametrize("method, options", [("sparsegpt", []), ("admm", ["--iterations", "6", "--ramp", "4", "--rho", "0.5"])])
+def test_nxm_prune_a_tiny_causal_lm(tmp_path, capsys, method, options):
+    from nxm_kernels import cli
+
+    text = tiny_llama_directory(tmp_path / "llama")
+    (tmp_path / "calibration.txt").write_text(text)
+    out = tmp_path / "llama.nxm.safetensors"
+    argv = ["prune", str(tmp_path / "llama"), "--calibration", str(tmp_path / "calibration.txt"), "--samples", "3",
+            "--seq-len", "16", "--method", method, *options, "-o", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert f"pruned 14 linear layer(s) to 2:4 with {method}" in captured.out and "- lm_head: " in captured.out
+    assert "converted 14 layer(s)" in captured.out and "14/14" in captured.err  # the progress bar
+    checkpoint = nxm.load(out)
+    assert len(checkpoint.layers) == 14 and checkpoint.header["info"]["pruned"]["method"] == method
+    assert cli.main(["prune", str(tmp_path / "llama"), "--calibration", str(tmp_path / "calibration.txt"),
+                     "--method", "sparsegpt", "--rho", "1", "-o", str(out), "-q", "--seq-len", "16"]) == 1
+    assert "takes no option(s) rho" in capsys.readouterr().err
