@@ -377,11 +377,12 @@ def test_sparsify_small_transformer_equals_masked_dense():
     report = nxm.sparsify(model, "2:4", inplace=False)
     dense = masked_model(model, report.converted)
     model = report.model
-    assert len(report.converted) == 13 and report.skipped == {}
-    assert all(isinstance(m, SparseLinear) for n, m in model.named_modules() if n.endswith(("query", "up", "head")))
+    assert len(report.converted) == 12 and report.skipped == {"head": "output head (named 'head'); name it in "
+                                                                      "include= to make it sparse"}
+    assert all(isinstance(m, SparseLinear) for n, m in model.named_modules() if n.endswith(("query", "up")))
     torch.testing.assert_close(model(tokens), dense(tokens), rtol=1e-5, atol=1e-5)
     assert report.params_after < report.params_before and report.bytes_after < report.bytes_before
-    assert "converted 13 linear layer(s), skipped 0" in str(report)
+    assert "converted 12 linear layer(s), skipped 1" in str(report)
     assert report.converted["blocks.0.up"].startswith("64->128 2:4 packed float32, dropped 4,096 nonzero weights")
     # A model whose weights are already N:M (e.g. trained with ADMM) converts without dropping any.
     again = nxm.sparsify(dense, "2:4", inplace=False)
@@ -401,9 +402,10 @@ def test_sparsify_include_exclude_scores_and_copy():
     }
     report = nxm.sparsify(model, include=lambda name, m: m.out_features == 128, inplace=False)
     assert list(report.converted) == ["blocks.0.up"]
-    report = nxm.sparsify(model, scores={"head": torch.rand(10, 64)}, inplace=False)
-    assert list(report.converted) == ["head"] and report.skipped["blocks.0.up"] == "no scores given for this layer"
-    calls = []
+    report = nxm.sparsify(model, scores={"blocks.0.up": torch.rand(128, 64)}, inplace=False)
+    assert list(report.converted) == ["blocks.0.up"]
+    assert report.skipped["blocks.0.down"] == "no scores given for this layer"
+    calls = []  # include= overrides the default that keeps the head dense
     report = nxm.sparsify(model, include="head", progress=lambda done, total, name: calls.append((done, total, name)))
     assert report.model is model and isinstance(model.head, SparseLinear)  # inplace by default
     assert calls[-1] == (7, 7, "head")
@@ -414,15 +416,15 @@ def test_sparsify_skips_what_it_cannot_convert_safely():
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(16, 8)
-            self.attention = nn.MultiheadAttention(8, 2)
+            self.attention = nn.MultiheadAttention(8, 2, add_zero_attn=True)
             self.head = nn.Linear(8, 16, bias=False)
             self.head.weight = self.embed.weight
             self.wide = nn.Linear(8, 8, dtype=torch.float64)
 
-    report = nxm.sparsify(Tied())
+    report = nxm.sparsify(Tied(), include="*")
     assert report.converted == {}
     assert "tied to embed.weight" in report.skipped["head"]
-    assert "MultiheadAttention reads .weight directly" in report.skipped["attention.out_proj"]
+    assert "uses add_bias_kv or add_zero_attn" in report.skipped["attention.out_proj"]
     assert "float32/float16/bfloat16" in report.skipped["wide"]
 
 
@@ -435,8 +437,11 @@ def test_sparsify_hugging_face_bert():
     tokens = torch.randint(0, 100, (2, 16))
     report = nxm.sparsify(model, "2:4", inplace=False)
     dense, model = masked_model(model, report.converted), report.model
-    # 6 linears per layer, the pooler-free MLM head transform; the decoder is tied to the embeddings.
+    # 6 linears per layer, the pooler-free MLM head transform; the decoder is the output head (and
+    # tied to the embeddings, which keeps it dense even when include= names it).
     assert len(report.converted) == 2 * 6 + 1
-    assert "tied to bert.embeddings.word_embeddings.weight" in report.skipped["cls.predictions.decoder"]
+    assert report.skipped["cls.predictions.decoder"].startswith("output head (the model's get_output_embeddings())")
+    tied = nxm.sparsify(model, include="cls.*", inplace=False)
+    assert "tied to bert.embeddings.word_embeddings.weight" in tied.skipped["cls.predictions.decoder"]
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, dense(tokens).logits, rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import nxm_kernels as nxm
 from conftest import tiny_bert_config
-from nxm_kernels.training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho, select_linears
+from nxm_kernels.training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho
 
 
 class Tiny(nn.Module):
@@ -31,9 +31,6 @@ class Tiny(nn.Module):
         for block in self.blocks:
             h = h + block["down"](F.gelu(block["up"](h)))
         return self.classifier(torch.tanh(self.pooler(h)))
-
-
-BLOCK_LINEARS = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
 
 
 def _data(n=256, seed=0):
@@ -67,32 +64,7 @@ def _train(model, sparsifier, opt, steps, x, y):
     return losses
 
 
-# -- target selection ---------------------------------------------------------------------------
-def test_default_targets_skip_embeddings_pooler_and_head():
-    s = MagnitudePruner(_model())
-    assert list(s.targets) == BLOCK_LINEARS
-    assert set(s.skipped) == {"embed", "pooler", "classifier"}
-    assert "exclude" in s.skipped["classifier"]
-
-
-def test_include_exclude_globs_and_predicates():
-    model = _model()
-    targets, _ = select_linears(model, "2:4", include="blocks.*.up")
-    assert list(targets) == ["blocks.0.up", "blocks.1.up"]
-    targets, _ = select_linears(model, "2:4", exclude=lambda name, m: name.endswith("down"))
-    assert list(targets) == ["embed", "blocks.0.up", "blocks.1.up", "pooler", "classifier"]
-
-
-def test_incompatible_layers_skipped_by_default_refused_when_named():
-    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8))
-    targets, skipped = select_linears(model, "2:4")
-    assert list(targets) == ["1"] and "not a multiple of m=4" in skipped["0"]
-    with pytest.raises(ValueError, match="in_features 6 is not a multiple of m=4.*exclude it"):
-        select_linears(model, "2:4", include=["0", "1"])
-    with pytest.raises(ValueError, match="no nn.Linear layer to sparsify"):
-        select_linears(model, "2:4", include="nothing*")
-
-
+# -- settings (target selection: tests/test_selection.py) ------------------------------------
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="rho must be a positive number"):
         ADMMSparsifier(_model(), rho=0)

@@ -4,7 +4,6 @@ report of what was converted and why the rest was skipped."""
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,14 +11,10 @@ import torch
 from torch import nn
 
 from ..pattern import PatternLike, as_pattern
+from ..selection import Selector, layer_pattern_of, marked, select_layers
 from .linear import SparseLinear
 from .policy import FLOAT_DTYPES
-
-Selector = Callable[[str, nn.Module], bool]
-
-# Modules that read their child Linear's .weight directly (PyTorch's fused fast paths), so a
-# swapped layer would break them or be bypassed.
-_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+from .torch_layers import prepare_parents, unsupported_child
 
 
 @dataclass
@@ -29,6 +24,7 @@ class SparsifyReport:
     model: nn.Module
     converted: dict[str, str] = field(default_factory=dict)  # layer name -> what it became
     skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why not
+    selection: str = ""  # how the layers were chosen
     params_before: int = 0
     params_after: int = 0
     bytes_before: int = 0
@@ -36,6 +32,7 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} linear layer(s), skipped {len(self.skipped)}"]
+        lines += [f"  selection: {self.selection}"] if self.selection else []
         lines += [f"  + {name}: {what}" for name, what in self.converted.items()]
         lines += [f"  - {name}: {why}" for name, why in self.skipped.items()]
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
@@ -58,39 +55,41 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     return params, nbytes
 
 
-def _selects(selector, name: str, module: nn.Module) -> str | None:
-    """The glob of ``selector`` that matches ``name`` (or "the predicate"), None if none does."""
-    if callable(selector):
-        return "the predicate" if selector(name, module) else None
-    globs = [selector] if isinstance(selector, str) else list(selector)
-    return next((f"'{g}'" for g in globs if fnmatch.fnmatchcase(name, g)), None)
-
-
 def sparsify(
     model: nn.Module,
-    pattern: PatternLike = "2:4",
-    include=None,
-    exclude=None,
+    pattern: PatternLike | None = None,
+    include: Selector = None,
+    exclude: Selector = None,
     scores=None,
     backend: str = "auto",
     inplace: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> SparsifyReport:
-    """Swap the eligible ``nn.Linear`` layers of ``model`` for :class:`SparseLinear`.
+    """Swap the selected ``nn.Linear`` layers of ``model`` for :class:`SparseLinear`.
 
-    ``include``/``exclude``: name globs (``"encoder.*.intermediate.dense"``, a string or a list)
-    or a predicate ``(name, module) -> bool``; by default every ``nn.Linear`` is included.
+    The layers are chosen as the sparsifiers of ``nxm_kernels.training`` choose them
+    (:func:`nxm_kernels.selection.select_layers`): on a model trained by one (its layers are
+    marked), exactly the trained layers, each with its pattern; otherwise every Linear but the
+    output heads, poolers and embedding projections. ``include``/``exclude``: name globs
+    (``"encoder.*.intermediate.dense"``, a string or a list) or a predicate ``(name, module) ->
+    bool``; ``include`` overrides both defaults. ``pattern``: default the marks' or 2:4.
     ``scores``: ``{layer name: tensor}`` or ``(name, module) -> tensor``; a layer it gives no
-    scores for is skipped (say so by leaving it out of ``include``). ``progress(done, total,
-    name)`` is called after each layer. Layers are skipped, with the reason in the report, when
-    their weight is tied to another module's, their parent reads their ``.weight`` directly
-    (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``), or their dtype cannot be held.
+    scores for is skipped. ``progress(done, total, name)`` is called after each layer.
+    Layers are also skipped, with the reason in the report, when their weight is tied to another
+    module's, is not loaded (meta) or has a dtype that cannot be held. PyTorch's
+    ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` are adapted to call their sparse
+    children (see :mod:`nxm_kernels.nn.torch_layers`).
     """
-    pattern = as_pattern(pattern)
+    asked = None if pattern is None else as_pattern(pattern)
     if not inplace:
         model = copy.deepcopy(model)
     report = SparsifyReport(model)
     report.params_before, report.bytes_before = model_size(model)
+    targets, report_skipped = select_layers(model, asked, include, exclude, whole_groups=False)
+    patterns = {name: layer_pattern_of(name, m, asked) for name, m in targets.items()}  # refuses a conflict
+    trained_by = {name: marked(m)["by"] for name, m in targets.items() if marked(m) is not None}
+    del targets  # names only from here: conversion streams (see below)
+    report.selection = _describe_selection(include, trained_by, patterns)
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
@@ -104,10 +103,12 @@ def sparsify(
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for done, name in enumerate(names, 1):
         linear = model.get_submodule(name)
-        why, layer_scores = _skip_reason(name, linear, include, exclude, scores, owners, parents)
+        why, layer_scores = report_skipped.get(name), None
+        if why is None:
+            why, layer_scores = _skip_reason(name, linear, scores, owners, parents)
         if why is None:
             try:
-                sparse = SparseLinear.from_dense(linear, pattern, scores=layer_scores, backend=backend)
+                sparse = SparseLinear.from_dense(linear, patterns[name], scores=layer_scores, backend=backend)
             except (TypeError, ValueError) as e:
                 why = str(e)
         if why is None:
@@ -117,32 +118,35 @@ def sparsify(
             dtype = str(sparse.values.dtype).removeprefix("torch.")
             # Weights already N:M (e.g. after ADMM training) convert without dropping any.
             dropped = int(torch.count_nonzero(linear.weight)) - int(torch.count_nonzero(sparse.values))
+            trained = f"trained by {trained_by[name]}, " if name in trained_by else ""
             report.converted[name] = (
-                f"{linear.in_features}->{linear.out_features} {pattern} {sparse.layout} {dtype}, "
+                f"{linear.in_features}->{linear.out_features} {patterns[name]} {sparse.layout} {dtype}, {trained}"
                 + (f"dropped {dropped:,} nonzero weights" if dropped else "already N:M, nothing dropped")
             )
         else:
             report.skipped[name] = why
         if progress is not None:
             progress(done, len(names), name)
+    prepare_parents(model)
     report.params_after, report.bytes_after = model_size(model)
     return report
 
 
-def _skip_reason(name, linear, include, exclude, scores, owners, parents):
-    """(why ``linear`` is not converted or None, its scores)."""
-    if include is not None and _selects(include, name, linear) is None:
-        return "not selected by include", None
-    if exclude is not None:
-        matched = _selects(exclude, name, linear)
-        if matched is not None:
-            return f"excluded by {matched}", None
-    parent = parents.get(name, (None, None))[0]
-    if isinstance(parent, _READS_CHILD_WEIGHTS):
-        return (
-            f"its parent {type(parent).__name__} reads .weight directly (PyTorch's fused path), so a "
-            "swapped layer would be bypassed; write the block with plain nn.Linear calls to sparsify it"
-        ), None
+def _describe_selection(include, trained_by: dict, patterns: dict) -> str:
+    if include is not None:
+        return "the layers include= selects"
+    if trained_by:
+        kinds = sorted({f"{by} {patterns[name]}" for name, by in trained_by.items()})
+        return f"exactly the layers trained sparse ({', '.join(kinds)}), each with its pattern"
+    return "every Linear but output heads, poolers and embedding projections (include= overrides)"
+
+
+def _skip_reason(name, linear, scores, owners, parents):
+    """(why the selected ``linear`` cannot be converted or None, its scores)."""
+    parent, child_name = parents.get(name, (None, None))
+    unsupported = unsupported_child(parent, child_name) if parent is not None else None
+    if unsupported is not None:
+        return unsupported, None
     shared = [o for o in owners.get(id(linear.weight), []) if o != f"{name}.weight"]
     if shared:
         return f"weight is tied to {', '.join(shared)} (sparsifying one side would untie them)", None

@@ -7,18 +7,17 @@ All three share one loop::
         loss = task_loss(model, batch) + sparsifier.penalty()
         loss.backward(); opt.step(); opt.zero_grad()
         sparsifier.step()
-    sparsifier.finalize()        # W = project(W); masks fixed
-    ...                          # masked fine-tuning: same loop, the pattern holds exactly
-    nxm.sparsify(model)          # -> SparseLinear, same outputs
+    sparsifier.finalize()        # W = project(W); masks fixed, held by the modules
+    ...                          # masked fine-tuning: any loop, the pattern holds exactly
+    nxm.sparsify(model)          # -> SparseLinear for exactly the trained (marked) layers
 """
 
 from .admm import ADMMSparsifier, geometric_rho
 from .baselines import MagnitudePruner, SRSTESparsifier
 from .oneshot import PruneReport, prune
-from .common import DEFAULT_EXCLUDE, NMSparsifier, select_linears
+from .common import NMSparsifier, select_linears
 
 __all__ = [
-    "DEFAULT_EXCLUDE",
     "ADMMSparsifier",
     "MagnitudePruner",
     "NMSparsifier",

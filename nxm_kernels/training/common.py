@@ -1,27 +1,22 @@
-"""What every sparsifier shares: choosing the target Linears, and the masked phase.
+"""What every sparsifier shares: the target Linears (:mod:`nxm_kernels.selection`, the same
+rule as ``sparsify``), their marks, and the masked phase.
 
-Once masks are fixed, the pattern holds exactly whatever the optimizer does: gradients are masked
-by a hook on each weight (so momentum and Adam statistics of pruned entries stop growing), and
-``step()`` re-applies the mask to the weights after every optimizer step (weight decay, momentum
-left from before the masks were fixed, or any other update cannot revive a pruned weight).
+Each target is marked with the sparsifier's kind and pattern, so that ``nxm.sparsify(model)``
+later converts exactly the layers trained sparse. Once masks are fixed (``finalize()``), they live
+with the modules (:mod:`.masking`): the weights are exactly N:M after every optimizer step,
+whatever the loop does (momentum, weight decay, no more ``step()`` calls, ``load_state_dict`` of
+dense weights).
 """
 
 from __future__ import annotations
-
-import fnmatch
-from typing import Callable, Iterable, Union
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..pattern import PatternLike, as_pattern
-
-Selector = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
-
-# Layers that are not "the encoder/blocks": embeddings, poolers and task heads stay dense, as in
-# NxMTransformer, apex ASP and SR-STE. Pass ``exclude=()`` to target them too.
-DEFAULT_EXCLUDE = ("*embed*", "*pooler*", "*classifier*", "*head*", "*score*")
+from ..selection import Selector, mark, select_layers
+from . import masking
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -35,43 +30,11 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def _matcher(selector: Selector, what: str) -> Callable[[str, nn.Module], bool]:
-    if callable(selector):
-        return selector
-    globs = (selector,) if isinstance(selector, str) else tuple(selector)
-    if not all(isinstance(g, str) for g in globs):
-        raise TypeError(f"{what} must be a name glob, a list of globs or a predicate(name, module), got {selector!r}")
-    return lambda name, module: any(fnmatch.fnmatchcase(name, g) for g in globs)
-
-
 def select_linears(model: nn.Module, pattern: PatternLike, include: Selector = None, exclude: Selector = None):
-    """``(targets, skipped)``: the ``nn.Linear`` layers to sparsify by name, and why others are not.
-
-    ``include`` / ``exclude`` are name globs (``"encoder.layer.*.intermediate.dense"``) or a
-    predicate ``(name, module) -> bool``. By default every Linear is a target except those matching
-    :data:`DEFAULT_EXCLUDE`; a default target whose ``in_features`` is not a multiple of m is
-    skipped, but one named by ``include`` raises, since the caller asked for it.
-    """
-    pattern = as_pattern(pattern)
+    """``(targets, skipped)`` of a sparsifier: :func:`nxm_kernels.selection.select_layers` on the
+    unwrapped model, whole groups of m required; raises when nothing is selected."""
     model = unwrap(model)
-    included = _matcher(include, "include") if include is not None else (lambda name, module: True)
-    excluded = _matcher(DEFAULT_EXCLUDE if exclude is None else exclude, "exclude")
-    targets: dict[str, nn.Linear] = {}
-    skipped: dict[str, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if not included(name, module):
-            skipped[name] = "not matched by include"
-        elif excluded(name, module):
-            skipped[name] = "matched by exclude" + (" (default: embeddings, poolers, heads)" if exclude is None else "")
-        elif module.in_features % pattern.m:
-            reason = f"in_features {module.in_features} is not a multiple of m={pattern.m}"
-            if include is not None:
-                raise ValueError(f"layer {name!r} cannot be sparsified to {pattern}: {reason}; exclude it")
-            skipped[name] = reason
-        else:
-            targets[name] = module
+    targets, skipped = select_layers(model, pattern, include, exclude, whole_groups=True)
     if not targets:
         raise ValueError(
             f"no nn.Linear layer to sparsify in {type(model).__name__} (skipped: {skipped or 'none found'}); "
@@ -103,9 +66,10 @@ class NMSparsifier:
     ):
         self.pattern = as_pattern(pattern)
         self.targets, self.skipped = select_linears(model, self.pattern, include, exclude)
+        for module in self.targets.values():
+            mark(module, self.pattern, self.kind)
         self.masks: dict[str, torch.Tensor] | None = None
         self.steps = 0
-        self._grad_hooks = []
 
     # -- the loop -------------------------------------------------------------------------------
     def penalty(self) -> torch.Tensor:
@@ -138,10 +102,10 @@ class NMSparsifier:
         return self.masks is not None
 
     def remove(self) -> None:
-        """Detach the gradient hooks (the weights keep their values)."""
-        for handle in self._grad_hooks:
-            handle.remove()
-        self._grad_hooks = []
+        """Release the fixed masks and their hooks: the pattern is no longer enforced (the
+        weights keep their values, the layers their marks)."""
+        for module in self.targets.values():
+            masking.release(module)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -177,13 +141,10 @@ class NMSparsifier:
         return next(iter(self.targets.values())).weight.new_zeros(())
 
     def _fix_masks(self, masks: dict) -> None:
-        self.masks = masks
         for name, module in self.targets.items():
-            mask = masks[name]
-            self._grad_hooks.append(module.weight.register_hook(lambda g, mask=mask: g * mask))
-        self._apply_masks()
+            masking.fix_mask(module, masks[name])
+        self.masks = {name: masking.mask_of(module) for name, module in self.targets.items()}
 
     def _apply_masks(self) -> None:
-        with torch.no_grad():
-            for name, module in self.targets.items():
-                module.weight.mul_(self.masks[name])
+        for module in self.targets.values():
+            masking.apply_mask(module)
