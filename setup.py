@@ -176,7 +176,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nxm_kernels", "nxm_kernels.*"]),
-    install_requires=["torch>=2.4", "triton; platform_system == 'Linux'"],
+    install_requires=["torch>=2.4", "triton; platform_system == 'Linux'", "xxhash>=2"],
     extras_require={
         "checkpoint": ["safetensors"],
         # CUDA kernels compiled at run time when _C has none; the CuPy build must match torch's CUDA major.

@@ -1,27 +1,49 @@
-"""Compact checkpoints: ``save(model, path)`` / ``load(path, model=None)``.
+"""Compact checkpoints: ``save(model, path)`` / ``load(path, model=None, verify=True)``.
 
 A checkpoint is one safetensors file (no pickle: loading executes no code) holding the model's
-``state_dict`` — for each :class:`~nxm_kernels.nn.SparseLinear` its ``values``, ``metadata`` and
-``bias`` — plus a JSON header in the safetensors metadata under the key ``"nxm"``::
+``state_dict`` — for each :class:`~nxm_kernels.nn.SparseLinear` the tensors its layout stores
+(``values``, ``metadata``, ...) and ``bias`` — plus a JSON header in the safetensors metadata
+under the key ``"nxm"``::
 
-    {"format": "nxm-kernels", "format_version": 1, "nxm_version": "0.1.0",
+    {"format": "nxm-kernels", "format_version": 2, "nxm_version": "0.1.0",
      "layers": {"encoder.0.ffn.up": {"pattern": "2:4", "layout": "cutlass", "dtype": "float16",
                                       "in_features": 64, "out_features": 256, "shape": [256, 64],
                                       "bias": true}},
      "aliases": {"head.weight": "embed.weight"},    # tied tensors, stored once
-     "info": {...}}                                 # free-form (e.g. where the model came from)
+     "info": {...},                                 # free-form (e.g. where the model came from)
+     "checksums": {"algorithm": "xxh3_64",
+                   "tensors": {"encoder.0.ffn.up.values": {"dtype": "float16", "shape": [256, 32],
+                                                           "digest": "9f3c..."}, ...},
+                   "header": "51ab..."}}
 
-``load`` validates everything before it touches a model: the header, every layer's pattern,
-layout, dtype and shapes, and every metadata index (in range, not repeated within a group).
+Integrity (format version 2): every tensor in the file has a digest of its bytes, whatever its
+layout stores, and the header has one of its canonical JSON (sorted keys, compact separators,
+without ``checksums.header``). ``load`` checks them all before it builds anything, so a damaged
+file is refused instead of loading as a different model. Version-1 files (no checksums) still
+load, with a warning once per path and process.
+
+``load`` then validates everything before it touches a model: the header, every layer's
+pattern, layout, dtype and shapes, and every metadata index (in range, not repeated within a group).
+
+``save`` is atomic: safetensors writes into a temporary folder ``.<name>.<random>.tmp`` beside
+the target, the file is fsynced and renamed over the target, and the folder is fsynced. A save
+that raises removes the temporary folder; one killed part-way may leave it behind, but never a
+partial file under the target's name: the previous checkpoint stays loadable.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import secrets
+import shutil
+import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
+import xxhash
 from torch import nn
 
 from .formats import NMSparseWeight
@@ -29,14 +51,26 @@ from .nn import FLOAT_DTYPES, STORED_LAYOUTS, SparseLinear
 from .pattern import as_pattern
 
 FORMAT = "nxm-kernels"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no checksums
 HEADER_KEY = "nxm"
+# xxhash's XXH3 (64 bits): as fast as a memory copy, permissively licensed (benchmarks/RESULTS.md).
+DIGEST_ALGORITHM = "xxh3_64"
 _DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 _LAYER_FIELDS = {"pattern", "layout", "dtype", "in_features", "out_features", "shape", "bias"}
 
 
 class CheckpointError(ValueError):
-    """The file is not a valid nxm checkpoint, or does not fit the model; the message says why."""
+    """The file is not a valid nxm checkpoint, or does not fit the model; the message says why.
+
+    ``unreadable`` is True when the file could not be read as an nxm checkpoint at all (missing,
+    not safetensors, truncated, no nxm header, a format version this package does not read);
+    False when it was read and found corrupt or invalid, or does not fit the model.
+    """
+
+    def __init__(self, message: str, unreadable: bool = False):
+        super().__init__(message)
+        self.unreadable = unreadable
 
 
 @dataclass
@@ -81,8 +115,64 @@ def _layer_header(layer: SparseLinear) -> dict:
     }
 
 
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    """Digest of a CPU tensor's bytes, read in place (no copy, and no numpy, which torch does not require)."""
+    tensor = tensor.contiguous()
+    in_place = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+    return xxhash.xxh3_64_hexdigest(in_place)
+
+
+def _canonical_header(header: dict) -> bytes:
+    """The header as the header digest covers it: sorted keys, compact, without that digest."""
+    checksums = {k: v for k, v in header["checksums"].items() if k != "header"}
+    return json.dumps({**header, "checksums": checksums}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """``header`` with the checksums of format version 2: each tensor's dtype, shape and digest,
+    then the digest of the canonical header (which covers the tensors' entries)."""
+    entries = {
+        name: {"dtype": _dtype_name(t), "shape": list(t.shape), "digest": _digest(t)} for name, t in tensors.items()
+    }
+    sealed = {**header, "checksums": {"algorithm": DIGEST_ALGORITHM, "tensors": entries}}
+    sealed["checksums"]["header"] = xxhash.xxh3_64_hexdigest(_canonical_header(sealed))
+    return sealed
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path, write) -> None:
+    """``write(file)`` into a temporary folder beside ``path``, then put the file in place in one
+    step: fsync it, rename it over ``path``, fsync the folder. Any exception removes the temporary
+    folder and leaves ``path`` as it was. (safetensors creates its own temporary file inside
+    ours, so a save killed part-way leaves only a ``.<name>.<random>.tmp`` folder.)"""
+    directory, name = os.path.split(os.path.abspath(path))
+    staging = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+    os.mkdir(staging)
+    try:
+        staged = os.path.join(staging, name)
+        write(staged)
+        _fsync(staged)
+        os.replace(staged, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+        _fsync(directory)
+
+
 def save(model: nn.Module, path: str | os.PathLike, info: dict | None = None) -> None:
-    """Write ``model``'s state_dict (sparse layers compressed) and the header to ``path``.
+    """Write ``model``'s state_dict (sparse layers compressed), its checksums and the header to
+    ``path``, atomically: the file at ``path`` is either the previous one or the complete new one.
 
     ``info``: a JSON-serialisable dict stored in the header as is (e.g. the model's source).
     """
@@ -116,48 +206,93 @@ def save(model: nn.Module, path: str | os.PathLike, info: dict | None = None) ->
         "aliases": aliases,
         "info": info or {},
     }
-    save_file(tensors, os.fspath(path), metadata={HEADER_KEY: json.dumps(header)})
+    header = _seal(header, tensors)
+    _write_atomically(
+        os.fspath(path), lambda staged: save_file(tensors, staged, metadata={HEADER_KEY: json.dumps(header)})
+    )
 
 
-def _fail(path, what: str) -> CheckpointError:
-    return CheckpointError(f"{os.fspath(path)}: {what}")
+def _fail(path, what: str, unreadable: bool = False) -> CheckpointError:
+    return CheckpointError(f"{os.fspath(path)}: {what}", unreadable)
 
 
 def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The header and every tensor, read once; the header's fields are checked, not its checksums."""
     import safetensors
-    from safetensors.torch import load_file
 
     if not os.path.isfile(path):
-        raise _fail(path, "no such file")
+        raise _fail(path, "no such file", unreadable=True)
     try:
         with safetensors.safe_open(os.fspath(path), "pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(os.fspath(path))
-    except (safetensors.SafetensorError, OSError) as e:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    # What a damaged file makes the parser raise varies (SafetensorError, OverflowError for a
+    # huge length, RuntimeError from torch for an impossible tensor ...): each means unreadable.
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError, OverflowError, MemoryError) as e:
         raise _fail(
-            path, f"not a readable safetensors file ({e}); it is truncated or corrupt: write it again with nxm.save"
+            path,
+            f"not a readable safetensors file ({type(e).__name__}: {e}); it is truncated or corrupt: "
+            "write it again with nxm.save",
+            unreadable=True,
         ) from None
     if HEADER_KEY not in metadata:
-        raise _fail(path, "has no nxm header: it is a plain safetensors file, not one written by nxm.save")
+        raise _fail(
+            path, "has no nxm header: it is a plain safetensors file, not one written by nxm.save", unreadable=True
+        )
     try:
         header = json.loads(metadata[HEADER_KEY])
     except json.JSONDecodeError as e:
         raise _fail(
-            path, f"nxm header is not valid JSON ({e}): the file was altered; write it again with nxm.save"
+            path, f"nxm header is not valid JSON ({e}): the file is corrupt; write it again with nxm.save"
         ) from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise _fail(path, f"nxm header does not say format {FORMAT!r}: the file was altered or is not ours")
+        raise _fail(path, f"nxm header does not say format {FORMAT!r}: the file is corrupt or is not ours")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise _fail(
             path,
-            f"format_version {version!r}, this nxm-kernels reads version {FORMAT_VERSION} "
-            f"(written by nxm-kernels {header.get('nxm_version')!r}): use a matching nxm-kernels",
+            f"format_version {version!r}, this nxm-kernels reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))} (written by nxm-kernels {header.get('nxm_version')!r}): "
+            "the file is corrupt, or use a matching nxm-kernels",
+            unreadable=True,
         )
+    return header, tensors
+
+
+def _verify(path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Check the format-version-2 checksums: the header's, then every tensor's."""
+    def corrupt(what):
+        return _fail(path, f"{what}: the file is corrupt; write it again with nxm.save")
+
+    checksums = header.get("checksums")
+    if not (
+        isinstance(checksums, dict)
+        and isinstance(checksums.get("tensors"), dict)
+        and isinstance(checksums.get("header"), str)
+    ):
+        raise corrupt("the nxm header has no valid 'checksums' entry, which format version 2 requires")
+    if checksums.get("algorithm") != DIGEST_ALGORITHM:
+        raise corrupt(f"checksum algorithm {checksums.get('algorithm')!r} is not {DIGEST_ALGORITHM!r}")
+    if xxhash.xxh3_64_hexdigest(_canonical_header(header)) != checksums["header"]:
+        raise corrupt("the nxm header does not match its checksum")
+    recorded = checksums["tensors"]
+    for name in sorted(set(tensors) | set(recorded)):
+        if name not in recorded:
+            raise corrupt(f"tensor {name!r} has no checksum")
+        if name not in tensors:
+            raise corrupt(f"tensor {name!r} has a checksum but is missing from the file")
+        tensor, entry = tensors[name], recorded[name]
+        stored = {"dtype": _dtype_name(tensor), "shape": list(tensor.shape)}
+        if not isinstance(entry, dict) or {k: entry.get(k) for k in stored} != stored:
+            raise corrupt(f"tensor {name!r} is {stored} but its checksum entry says {entry}")
+        if entry.get("digest") != _digest(tensor):
+            raise corrupt(f"tensor {name!r} does not match its checksum")
+
+
+def _check_fields(path, header: dict) -> None:
     for key, kind in (("layers", dict), ("aliases", dict), ("info", dict)):
         if not isinstance(header.get(key), kind):
             raise _fail(path, f"nxm header field {key!r} is missing or not a {kind.__name__}")
-    return header, tensors
 
 
 def _build_layer(path, name: str, spec, tensors: dict) -> SparseLinear:
@@ -195,8 +330,13 @@ def _build_layer(path, name: str, spec, tensors: dict) -> SparseLinear:
         raise bad(str(e)) from None
 
 
-def _read_checkpoint(path) -> SparseCheckpoint:
+def _read_checkpoint(path, verify: bool) -> SparseCheckpoint:
     header, tensors = _read(path)
+    if header["format_version"] == 1 and "checksums" in header:  # a later file, its version altered
+        raise _fail(path, "format_version 1 with checksums, which only version 2 has: the file is corrupt")
+    if verify and header["format_version"] >= 2:
+        _verify(path, header, tensors)
+    _check_fields(path, header)
     for alias, target in header["aliases"].items():
         if not isinstance(target, str) or target not in tensors or alias in tensors:
             raise _fail(path, f"alias {alias!r} -> {target!r} does not name one stored tensor")
@@ -214,8 +354,31 @@ def _some(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None):
-    """Read and validate a checkpoint written by :func:`save`.
+_warned_unverifiable: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_no_checksums(path) -> None:
+    """Warn once per file (by real path) and process that a version-1 file cannot be verified."""
+    key = os.path.realpath(path)
+    with _warned_lock:
+        if key in _warned_unverifiable:
+            return
+        _warned_unverifiable.add(key)
+    warnings.warn(
+        f"{os.fspath(path)}: format version 1 stores no checksums, so damage to this file cannot be "
+        "detected; load it and save it again with nxm.save to add them",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, verify: bool = True):
+    """Read, verify and validate a checkpoint written by :func:`save`.
+
+    ``verify``: check every tensor's and the header's checksum first (format version 2), and
+    refuse a file that does not match them. ``verify=False`` skips that (the structure is still
+    validated); a version-1 file has no checksums and loads with a warning.
 
     With ``model`` (the same architecture, dense or already sparsified): each saved sparse layer
     replaces the module of that name (an ``nn.Linear`` or ``SparseLinear`` of the same size and,
@@ -228,7 +391,9 @@ def load(path: str | os.PathLike, model: nn.Module | None = None):
 
     Raises :class:`CheckpointError` naming what is wrong, before changing the model.
     """
-    checkpoint = _read_checkpoint(path)
+    checkpoint = _read_checkpoint(path, verify)
+    if verify and checkpoint.header["format_version"] == 1:
+        _warn_no_checksums(path)
     if model is None:
         return checkpoint
     modules = dict(model.named_modules())

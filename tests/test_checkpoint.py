@@ -1,7 +1,13 @@
-"""save/load: round trips, size on disk, and every corruption refused with a clear error."""
+"""save/load: round trips, size on disk, checksums, atomic saves, version-1 files, and every
+corruption refused with a clear error (random damage: test_checkpoint_fuzz.py)."""
 
 import json
 import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import nxm_kernels as nxm
+from nxm_kernels import checkpoint
 from nxm_kernels.checkpoint import SparseCheckpoint
 from nxm_kernels.nn import SparseLinear
 
@@ -123,7 +130,8 @@ def test_views_of_one_storage_are_saved(tmp_path):
 # ---------------------------------------------------------------- refusing bad files
 
 
-def rewrite(path, edit_tensors=None, edit_header=None):
+def rewrite(path, edit_tensors=None, edit_header=None, new_checksums=True):
+    """Edit a saved file; ``new_checksums``: as a forger would, so that only validation is left."""
     with safe_open(path, "pt") as f:
         metadata = f.metadata()
     tensors, header = load_file(path), json.loads(metadata["nxm"])
@@ -131,6 +139,8 @@ def rewrite(path, edit_tensors=None, edit_header=None):
         edit_tensors(tensors)
     if edit_header:
         edit_header(header)
+    if new_checksums:
+        header = checkpoint._seal(header, tensors)
     save_file(tensors, path, metadata={"nxm": json.dumps(header)})
 
 
@@ -234,3 +244,174 @@ def test_file_that_does_not_fit_the_model_is_refused(saved):
     other_pattern[3] = SparseLinear.from_dense(other_pattern[3], "2:4")
     with pytest.raises(nxm.CheckpointError, match="pattern mismatch: layer '3' is 2:6 in the file but 2:4"):
         nxm.load(path, other_pattern)
+
+
+# ---------------------------------------------------------------- checksums and format versions
+
+
+def flip_bit(path, offset, bit=0):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def tensor_offset(path, name) -> int:
+    """Where tensor ``name``'s bytes start in the file."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        return 8 + header_size + json.loads(f.read(header_size))[name]["data_offsets"][0]
+
+
+def test_every_tensor_and_the_header_have_a_checksum(saved):
+    _, path = saved
+    with safe_open(path, "pt") as f:
+        names, header = set(f.keys()), json.loads(f.metadata()["nxm"])
+    assert header["format_version"] == 2 and header["checksums"]["algorithm"] == "xxh3_64"
+    assert set(header["checksums"]["tensors"]) == names  # whatever each layout stores: no per-layout list
+    assert header["checksums"]["tensors"]["0.values"]["dtype"] == "float16"
+    assert len(header["checksums"]["header"]) == 16
+
+
+@pytest.mark.parametrize("tensor", ["0.values", "0.metadata", "2.metadata", "3.bias", "1.weight"])
+def test_a_flipped_bit_in_a_tensor_is_refused_naming_it(saved, tensor):
+    _, path = saved
+    flip_bit(path, tensor_offset(path, tensor), bit=1)
+    with pytest.raises(nxm.CheckpointError, match=rf"tensor '{tensor}' does not match its checksum: the file is corrupt"):
+        nxm.load(path, build_model())
+
+
+def test_unverified_damage_can_load_as_a_different_model(saved):
+    model, path = saved
+    flip_bit(path, tensor_offset(path, "0.values") + 1, bit=6)  # the exponent of the first weight
+    assert not torch.equal(run(nxm.load(path, build_model(), verify=False)), run(model))
+
+
+CORRUPT_HEADERS = {
+    "a layer field": (set_layer("2", "in_features", 63), "the nxm header does not match its checksum"),
+    "the info": (lambda h: h["info"].__setitem__("source", "elsewhere"), "the nxm header does not match"),
+    "a tensor's checksum": (
+        lambda h: h["checksums"]["tensors"]["0.values"].__setitem__("digest", "0" * 16),
+        "the nxm header does not match",
+    ),
+    "no checksums": (lambda h: h.pop("checksums"), "has no valid 'checksums' entry"),
+    "another algorithm": (
+        lambda h: h["checksums"].__setitem__("algorithm", "md5"),
+        "checksum algorithm 'md5' is not 'xxh3_64'",
+    ),
+    "version 1 with checksums": (lambda h: h.__setitem__("format_version", 1), "format_version 1 with checksums"),
+}
+
+
+@pytest.mark.parametrize("case", CORRUPT_HEADERS)
+def test_a_header_changed_without_new_checksums_is_refused(saved, case):
+    _, path = saved
+    edit, message = CORRUPT_HEADERS[case]
+    rewrite(path, edit_header=edit, new_checksums=False)
+    with pytest.raises(nxm.CheckpointError, match=message) as error:
+        nxm.load(path)
+    assert "the file is corrupt" in str(error.value) and not error.value.unreadable
+
+
+def test_tensors_renamed_or_dropped_without_new_checksums_are_refused(saved):
+    _, path = saved
+    rewrite(path, edit_tensors=lambda t: t.__setitem__("extra", torch.zeros(2)), new_checksums=False)
+    with pytest.raises(nxm.CheckpointError, match="tensor 'extra' has no checksum: the file is corrupt"):
+        nxm.load(path)
+    rewrite(path, edit_tensors=lambda t: t.pop("2.bias"), new_checksums=False)
+    with pytest.raises(nxm.CheckpointError, match="tensor '2.bias' has a checksum but is missing"):
+        nxm.load(path)
+
+
+def test_the_header_checksum_covers_its_content_not_its_spelling(saved):
+    model, path = saved
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    header = json.loads(metadata["nxm"])
+    reordered = json.dumps(dict(reversed(list(header.items()))), indent=2)
+    save_file(load_file(path), path, metadata={"nxm": reordered})
+    assert torch.equal(run(nxm.load(path, build_model())), run(model))
+
+
+def test_huge_or_impossible_lengths_are_refused(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    for size in (2**63, 2**64 - 1, 100_000_001):
+        path.write_bytes(size.to_bytes(8, "little") + b"{}")
+        with pytest.raises(nxm.CheckpointError, match="not a readable safetensors file") as error:
+            nxm.load(path)
+        assert error.value.unreadable
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_version_1_file_loads_with_a_warning_once(monkeypatch):
+    monkeypatch.setattr(checkpoint, "_warned_unverifiable", set())
+    expected = load_file(DATA / "checkpoint_v1_io.safetensors")
+    with pytest.warns(UserWarning, match="format version 1 stores no checksums") as caught:
+        model = nxm.load(DATA / "checkpoint_v1.safetensors", build_model())
+    assert len(caught) == 1 and caught[0].filename == __file__  # points at the caller
+    for i in (0, 2, 3):
+        model[i].backend = "reference"  # the backend the expected output was made with
+    with torch.no_grad():
+        assert torch.equal(model(expected["input"]), expected["output"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per path and process: no second warning
+        assert nxm.load(DATA / "checkpoint_v1.safetensors").header["format_version"] == 1
+
+
+def test_version_1_without_verification_does_not_warn(monkeypatch):
+    monkeypatch.setattr(checkpoint, "_warned_unverifiable", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(nxm.load(DATA / "checkpoint_v1.safetensors", verify=False).layers) == ["0", "2", "3"]
+
+
+# ---------------------------------------------------------------- atomic saves
+
+
+def test_a_save_that_raises_leaves_the_previous_file_and_no_temporary(saved, monkeypatch):
+    import safetensors.torch
+
+    _, path = saved
+    before = path.read_bytes()
+    real_save_file = safetensors.torch.save_file
+
+    def fails_half_way(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fails_half_way)
+    other = build_model()
+    nxm.sparsify(other, "1:4")
+    with pytest.raises(OSError, match="No space left"):
+        nxm.save(other, path)
+    assert os.listdir(path.parent) == [path.name] and path.read_bytes() == before
+    nxm.load(path, build_model())
+
+
+def test_a_killed_save_leaves_the_previous_file(saved):
+    _, path = saved
+    before = path.read_bytes()
+    big_save = (
+        "import sys, torch, nxm_kernels as nxm\n"
+        "model = torch.nn.Module()\n"
+        "model.register_buffer('big', torch.ones(64 << 20))  # 256 MB: long enough to be killed part-way\n"
+        "print('saving', flush=True)\n"
+        "nxm.save(model, sys.argv[1])\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", big_save, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert process.stdout.readline() == b"saving\n"
+        deadline = time.monotonic() + 60
+        while not list(path.parent.glob(f".{path.name}.*.tmp")):  # the save has begun writing
+            assert process.poll() is None, "the save ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    finally:
+        process.kill()  # SIGKILL: no cleanup runs
+        process.wait()
+    assert path.read_bytes() == before
+    nxm.load(path, build_model())
+    leftovers = [p for p in os.listdir(path.parent) if p != path.name]
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".{path.name}.") and leftovers[0].endswith(".tmp")
