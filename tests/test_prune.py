@@ -325,3 +325,25 @@ def test_nxm_prune_a_tiny_causal_lm(tmp_path, capsys, method, options):
     assert cli.main(["prune", str(tmp_path / "llama"), "--calibration", str(tmp_path / "calibration.txt"),
                      "--method", "sparsegpt", "--rho", "1", "-o", str(out), "-q", "--seq-len", "16"]) == 1
     assert "takes no option(s) rho" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("init", ["magnitude", "wanda", "sparsegpt"])
+def test_admm_sparsifier_starts_from_a_one_shot_mask(init):
+    from nxm_kernels.training import ADMMSparsifier
+
+    batches = toy_batches()
+    torch.manual_seed(0)
+    model = ToyModel()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sparsifier = ADMMSparsifier(model, "2:4", init=init, calibration=batches)
+    assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())  # the model is not pruned
+    torch.manual_seed(0)
+    reference = ToyModel()
+    prune(reference, "2:4", method=init, calibration=batches, progress=False)
+    for name in sparsifier.targets:
+        torch.testing.assert_close(sparsifier.Z[name], reference.get_submodule(name).weight.detach(), rtol=0, atol=0)
+        assert not sparsifier.U[name].any()
+    if init != "magnitude":  # a calibrated start differs from projecting the dense weights
+        assert any(not torch.equal(sparsifier.Z[n], nxm.project(m.weight.detach(), "2:4")) for n, m in sparsifier.targets.items())
+    with pytest.raises(ValueError, match="init must be None or one of"):
+        ADMMSparsifier(ToyModel(), "2:4", init="obs")

@@ -31,6 +31,7 @@ weights flipped meanwhile. Keep rho * update_every >= 1.5 (e.g. rho 0.1, update_
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -39,9 +40,21 @@ from torch import nn
 
 from .. import ops
 from ..pattern import PatternLike
-from .common import NMSparsifier, Selector, _norm_sq
+from .common import NMSparsifier, Selector, _norm_sq, unwrap
 
 PENALTIES = ("loss", "proximal")
+INITS = (None, "magnitude", "wanda", "sparsegpt")
+
+
+def _one_shot_weights(model: nn.Module, pattern, names: list[str], method: str, calibration) -> dict:
+    """The target weights pruned one-shot by ``method``, from a copy of the model."""
+    from .oneshot import prune
+
+    pruned = copy.deepcopy(unwrap(model))
+    wanted = set(names)
+    prune(pruned, pattern, method=method, calibration=calibration, include=lambda name, _: name in wanted,
+          progress=False, measure_error=False)
+    return {name: pruned.get_submodule(name).weight.detach() for name in names}
 
 
 def geometric_rho(factor: float, steps: int) -> Callable[[int], float]:
@@ -60,6 +73,11 @@ class ADMMSparsifier(NMSparsifier):
     when the weight is fp16/bf16 (master copies), else in the weight's dtype.
     Build it after wrapping the model in DDP: every rank then holds the same W, hence the same
     Z and U, with no communication of its own.
+
+    ``init``: None starts Z from project(W) (the magnitude mask); ``"magnitude"``, ``"wanda"`` or
+    ``"sparsegpt"`` start Z from that one-shot pruning of the weights (:func:`.oneshot.prune` on a
+    copy of the model, with ``calibration``: an iterable of model inputs), U = 0 either way. The
+    model's weights are not changed.
     """
 
     kind = "admm"
@@ -74,8 +92,12 @@ class ADMMSparsifier(NMSparsifier):
         include: Selector = None,
         exclude: Selector = None,
         penalty: str = "loss",
+        init: str | None = None,
+        calibration=None,
     ):
         super().__init__(model, pattern, include, exclude)
+        if init not in INITS:
+            raise ValueError(f"init must be None or one of {INITS[1:]}, got {init!r}")
         if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
             raise ValueError(f"rho must be a positive number, got {rho!r}")
         if not (isinstance(update_every, int) and update_every >= 1):
@@ -92,10 +114,11 @@ class ADMMSparsifier(NMSparsifier):
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.last_dual = 0.0
+        start = None if init is None else _one_shot_weights(model, self.pattern, list(self.targets), init, calibration)
         with torch.no_grad():
             for name, module in self.targets.items():
                 w = self._master(module.weight)
-                self.Z[name] = ops.project(w, self.pattern)
+                self.Z[name] = ops.project(w, self.pattern) if start is None else start[name].to(w.dtype)
                 self.U[name] = torch.zeros_like(w)
 
     def penalty(self) -> torch.Tensor:
