@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import ops
 from ..pattern import PatternLike, as_pattern
+from ..selection import mark
 from .calibration import HESSIAN, NORMS, BlockInputs, InputStats, capture_block_inputs, find_blocks, model_call, no_cache
 from .common import Selector, select_linears, unwrap
 
@@ -74,12 +75,6 @@ class PruneReport:
 def _select(model: nn.Module, pattern, include: Selector, exclude: Selector):
     """The target Linears: the package's one layer selection (heads and embeddings stay dense)."""
     return select_linears(model, pattern, include, exclude)
-
-
-def _mark_pruned(module: nn.Linear, pattern, method: str) -> None:
-    """Mark the layer as pruned to ``pattern`` by ``method``, as the sparsifiers mark theirs, so
-    that ``sparsify(model)`` converts exactly the marked layers."""
-    module._nxm_sparsity = {"pattern": str(pattern), "by": method}
 
 
 def prune(
@@ -201,7 +196,7 @@ class _LayerPruner:
             new = new.to(w0.dtype)
             error = None if hessian is None else relative_error(w0, new, hessian)
             layer.weight.copy_(new)
-            _mark_pruned(layer, self.pattern, self.method)
+            mark(layer, self.pattern, self.method)  # sparsify(model) then converts exactly these
             self.report.layers[name] = LayerReport(
                 self.method, tuple(w0.shape), error, time.perf_counter() - start, details
             )
