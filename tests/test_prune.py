@@ -347,3 +347,16 @@ def test_admm_sparsifier_starts_from_a_one_shot_mask(init):
         assert any(not torch.equal(sparsifier.Z[n], nxm.project(m.weight.detach(), "2:4")) for n, m in sparsifier.targets.items())
     with pytest.raises(ValueError, match="init must be None or one of"):
         ADMMSparsifier(ToyModel(), "2:4", init="obs")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "admm"])
+def test_half_precision_layers_are_calibrated_in_fp32(method, dtype):
+    model = layer(dtype=dtype)
+    calibration = correlated_inputs(256, 32, seed=15).to(dtype).split(64)
+    report = prune(model, "2:4", method=method, calibration=calibration, progress=False)
+    weight = model[0].weight.detach()
+    assert weight.dtype == dtype and nxm.is_nm_sparse(weight, "2:4")
+    magnitude = layer(dtype=dtype)
+    baseline = prune(magnitude, "2:4", method="magnitude", calibration=calibration, progress=False)
+    assert report.layers["0"].error < 0.5 * baseline.layers["0"].error  # calibration still pays

@@ -30,6 +30,8 @@ from ..pattern import PatternLike, as_pattern
 from ..selection import mark
 from .calibration import HESSIAN, NORMS, BlockInputs, InputStats, capture_block_inputs, find_blocks, model_call, no_cache
 from .common import Selector, select_linears, unwrap
+from .layerwise_admm import admm
+from .sparsegpt import group_width, sparsegpt
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 # Per-method options (keyword arguments of prune), with the function that reads them.
@@ -206,35 +208,26 @@ class _LayerPruner:
         if self.method == "magnitude":
             return ops.project(w0, self.pattern), {}
         if self.method == "wanda":
-            scores = w0.abs() * stats.norms(name).sqrt().to(w0.dtype)
-            return ops.project(w0, self.pattern, scores=scores), {}
+            norms = stats.norms(name).sqrt()  # fp32 or fp64: fp16 scores would blur the ranking
+            return ops.project(w0, self.pattern, scores=w0.abs().to(norms.dtype) * norms), {}
         if self.method == "sparsegpt":
-            from .sparsegpt import sparsegpt
-
             return sparsegpt(w0, hessian, self.pattern, **self.options), {}
-        from .layerwise_admm import admm
-
         result = admm(w0, hessian, self.pattern, **self.options)
         return result.weight, {"primal_residual": result.primal_residual}
 
 
 def relative_error(w0: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> float:
     """||X (W - W0)^T||^2 / ||X W0^T||^2 from H = X^T X."""
-    h = hessian.to(torch.float64) if hessian.dtype == torch.float64 else hessian
-    delta = (w - w0).to(h.dtype)
-    reference = w0.to(h.dtype)
-    denominator = float(((reference @ h) * reference).sum())
-    return float(((delta @ h) * delta).sum()) / max(denominator, 1e-30)
+    delta, reference = (w - w0).to(hessian.dtype), w0.to(hessian.dtype)
+    denominator = float(((reference @ hessian) * reference).sum())
+    return float(((delta @ hessian) * delta).sum()) / max(denominator, 1e-30)
 
 
 def _check_pattern_kind(pattern, method: str) -> None:
-    """Refuse a pattern kind the method has no rule for (every mask goes through nm_mask/project;
-    SparseGPT also needs the column width of one group)."""
-    if method == "sparsegpt" and not hasattr(pattern, "m"):
-        raise ValueError(
-            f"sparsegpt chooses its mask one group of columns at a time and knows the row n:m kind only, "
-            f"not {pattern!r}: use method='admm' or 'wanda' for this pattern"
-        )
+    """Refuse, before any calibration pass, a pattern kind the method has no rule for (every
+    mask goes through nm_mask/project; SparseGPT also needs the column width of one group)."""
+    if method == "sparsegpt":
+        group_width(pattern)
 
 
 def _progress_printer(progress, total: int, method: str):

@@ -23,7 +23,8 @@ DAMP = 0.01  # fraction of H's mean diagonal added to the diagonal: the referenc
 BLOCK_SIZE = 128  # columns per lazy block: the reference's default; rounded down to whole groups
 
 
-def _group_width(pattern) -> int:
+def group_width(pattern) -> int:
+    """Columns of one mask group: m of a row n:m pattern; other kinds are refused."""
     if not isinstance(pattern, Pattern):
         raise ValueError(
             f"sparsegpt chooses its mask one group of columns at a time and knows the row n:m kind only, "
@@ -60,7 +61,7 @@ def sparsegpt(
 ) -> torch.Tensor:
     """The pruned weight (in H's dtype): ``weight`` [out, in] made ``pattern``-sparse with the
     OBS update, ``hessian`` = X^T X [in, in] of the layer's calibration inputs."""
-    group = _group_width(pattern)
+    group = group_width(pattern)
     if not (isinstance(damp, (int, float)) and damp >= 0):
         raise ValueError(f"damp must be a number >= 0 (a fraction of H's mean diagonal), got {damp!r}")
     if not (isinstance(block_size, int) and block_size >= 1):
