@@ -2,6 +2,8 @@
 run the benchmarks and the demo. `nxm COMMAND --help` explains each command.
 
 Exit codes: 0 success, 1 the command failed (the message says why and what to do), 2 bad usage.
+`nxm verify` has its own: 0 the file verifies, 3 corrupt or invalid, 4 unreadable or not an nxm
+checkpoint, 5 format version 1 (no checksums, so its data cannot be verified).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -203,16 +206,40 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _integrity(header: dict, verified: bool) -> str:
+    """What the checksums say about a file that loaded (with or without verification)."""
+    version = header["format_version"]
+    if version == 1:
+        return "format version 1: no checksums, its data cannot be verified (load and nxm.save it again to add them)"
+    if not verified:
+        return f"format version {version}: checksums not checked (--no-verify)"
+    checksums = header["checksums"]
+    return (
+        f"format version {version}: the header and all {len(checksums['tensors'])} tensors match their "
+        f"{checksums['algorithm']} checksums"
+    )
+
+
+def _load_quietly(path: str, verify: bool):
+    """checkpoint.load without its version-1 warning: the commands print that themselves."""
+    from . import checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return checkpoint.load(path, verify=verify)
+
+
 def cmd_inspect(args) -> int:
     from . import checkpoint
 
     try:
-        ckpt = checkpoint.load(args.checkpoint)
+        ckpt = _load_quietly(args.checkpoint, verify=not args.no_verify)
     except checkpoint.CheckpointError as e:
         raise CommandError(f"invalid checkpoint: {e}") from None
     header = ckpt.header
     info = header["info"]
     print(f"checkpoint   {ckpt.path} ({os.path.getsize(ckpt.path):,} bytes)")
+    print(f"integrity    {_integrity(header, verified=not args.no_verify)}")
     print(f"written by   nxm-kernels {header.get('nxm_version')}, torch {header.get('torch_version')}")
     if info.get("source"):
         print(f"source       {info['source']} ({info.get('architecture', 'unknown architecture')})")
@@ -241,6 +268,24 @@ def cmd_inspect(args) -> int:
     other = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
     print(f"other tensors: {len(ckpt.tensors)} ({other:,} bytes)")
     print("validation   OK (header, patterns, layouts, dtypes, shapes, every metadata index)")
+    return 0
+
+
+VERIFY_CORRUPT, VERIFY_UNREADABLE, VERIFY_NO_CHECKSUMS = 3, 4, 5
+
+
+def cmd_verify(args) -> int:
+    from . import checkpoint
+
+    try:
+        ckpt = _load_quietly(args.checkpoint, verify=True)
+    except checkpoint.CheckpointError as e:
+        print(f"{'UNREADABLE' if e.unreadable else 'CORRUPT'}: {e}", file=sys.stderr)
+        return VERIFY_UNREADABLE if e.unreadable else VERIFY_CORRUPT
+    if ckpt.header["format_version"] == 1:
+        print(f"NO CHECKSUMS: {ckpt.path}: {_integrity(ckpt.header, verified=True)}; its structure is valid")
+        return VERIFY_NO_CHECKSUMS
+    print(f"OK: {ckpt.path}: {_integrity(ckpt.header, verified=True)}; its structure is valid")
     return 0
 
 
@@ -307,11 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "inspect",
         help="validate a checkpoint and show its layers and sizes",
-        description="Read a checkpoint written by nxm sparsify / nxm.save, validate everything "
-        "(header, shapes, every metadata index) and print its layers. Exit code 1 if invalid.",
+        description="Read a checkpoint written by nxm sparsify / nxm.save, verify its checksums, "
+        "validate everything (header, shapes, every metadata index) and print its format version and "
+        "layers. Exit code 1 if invalid.",
     )
     p.add_argument("checkpoint")
+    p.add_argument("--no-verify", action="store_true", help="skip the checksums (the structure is still validated)")
     p.set_defaults(run=cmd_inspect)
+
+    p = commands.add_parser(
+        "verify",
+        help="check a checkpoint's checksums and structure: OK, or exactly what is wrong",
+        description="Verify every tensor's and the header's checksum, then validate the structure as "
+        "nxm.load does. Prints OK or what is wrong. Exit codes: 0 OK; 3 corrupt or invalid (a checksum "
+        "or a layer does not match); 4 unreadable or not an nxm checkpoint (missing, not safetensors, "
+        "truncated, no nxm header, a format version this nxm-kernels does not read); 5 format version 1, "
+        "which has no checksums (structure valid, data unverifiable); 2 bad usage.",
+    )
+    p.add_argument("checkpoint")
+    p.set_defaults(run=cmd_verify)
 
     p = commands.add_parser(
         "prune",

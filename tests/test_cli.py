@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ def test_help_lists_every_command(capsys):
         cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("sparsify", "inspect", "backends", "bench", "demo"):
+    for command in ("sparsify", "inspect", "verify", "backends", "bench", "demo"):
         assert command in out
+    assert "`nxm verify` has its own: 0 the file verifies, 3 corrupt" in out
 
 
 def test_usage_errors_exit_2(capsys):
@@ -41,6 +43,7 @@ def test_sparsify_demo_then_inspect(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "sparse layers 12 (pattern 2:4)" in shown and "blocks.1.down" in shown
     assert "source       demo (nxm_kernels.cli.DemoTransformer)" in shown
+    assert "integrity    format version 2: the header and all 49 tensors match their xxh3_64 checksums" in shown
     assert "validation   OK" in shown
 
 
@@ -80,6 +83,44 @@ def test_failures_exit_1_and_say_what_to_do(tmp_path, capsys):
     assert "truncated or corrupt" in capsys.readouterr().err
 
 
+def test_verify_says_ok_or_what_is_wrong_with_its_own_exit_codes(tmp_path, capsys):
+    path = tmp_path / "model.nxm.safetensors"
+    nxm.save(torch.nn.Sequential(nxm.SparseLinear.from_dense(torch.nn.Linear(16, 8), "2:4")), path)
+    assert cli.main(["verify", str(path)]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {path}: format version 2: the header and all 3 tensors match")
+
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40  # inside the last tensor's bytes
+    damaged = tmp_path / "damaged.nxm.safetensors"
+    damaged.write_bytes(bytes(data))
+    assert cli.main(["verify", str(damaged)]) == cli.VERIFY_CORRUPT == 3
+    assert "does not match its checksum: the file is corrupt" in capsys.readouterr().err
+    assert cli.main(["inspect", str(damaged)]) == 1
+    assert "invalid checkpoint" in capsys.readouterr().err
+    assert cli.main(["inspect", "--no-verify", str(damaged)]) == 0
+    assert "integrity    format version 2: checksums not checked (--no-verify)" in capsys.readouterr().out
+
+    damaged.write_bytes(path.read_bytes()[:-100])
+    for unreadable in (damaged, tmp_path / "missing.safetensors"):
+        assert cli.main(["verify", str(unreadable)]) == cli.VERIFY_UNREADABLE == 4
+        assert capsys.readouterr().err.startswith("UNREADABLE: ")
+
+    version_1 = Path(__file__).parent / "data" / "checkpoint_v1.safetensors"
+    assert cli.main(["verify", str(version_1)]) == cli.VERIFY_NO_CHECKSUMS == 5
+    captured = capsys.readouterr()
+    assert captured.out.startswith("NO CHECKSUMS: ") and "format version 1: no checksums" in captured.out
+    assert captured.err == ""  # the load warning is not repeated
+    assert cli.main(["inspect", str(version_1)]) == 0
+    assert "integrity    format version 1: no checksums" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["verify"])
+    assert exit_info.value.code == 2
+    command = [sys.executable, "-m", "nxm_kernels.cli", "verify"]
+    assert subprocess.run([*command, str(path)], capture_output=True).returncode == 0
+    assert subprocess.run([*command, str(tmp_path / "missing")], capture_output=True).returncode == 4
+
+
 def test_backends(capsys, monkeypatch):
     monkeypatch.delenv("NXM_BACKEND", raising=False)
     assert cli.main(["backends"]) == 0
@@ -108,9 +149,10 @@ def test_bench_runs_the_benchmark_suite(monkeypatch, tmp_path):
 def test_demo_runs_the_demo(monkeypatch):
     from nxm_kernels import demo
 
-    calls = []
-    monkeypatch.setattr(demo, "main", lambda: calls.append(True))
-    assert cli.main(["demo"]) == 0 and calls == [True]
+    calls = []  # `nxm demo` takes the demo's own options
+    monkeypatch.setattr(demo, "run", calls.append)
+    assert cli.main(["demo", "--method", "magnitude", "--train-size", "64"]) == 0
+    assert (calls[0].method, calls[0].train_size, calls[0].epochs) == ("magnitude", 64, 1.0)
 
 
 def test_module_entry_point():
