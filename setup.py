@@ -17,12 +17,21 @@ import fcntl
 import glob
 import importlib.util
 import os
+import platform
 
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUSPARSELT_RPATH = "$ORIGIN/../nvidia/cusparselt/lib"  # _C sits in site-packages/nxm_kernels/
+# CPU GEMM kernels for one instruction set each (x86-64 only), compiled with that set's flags and
+# run only on CPUs that have it: csrc/cpu_gemm.cpp picks one at run time. The rest of _C keeps the
+# baseline ISA; the wheel is never built with -march=native.
+ISA_SOURCES = {
+    "csrc/cpu_gemm_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
+    "csrc/cpu_gemm_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
+}
+BUILD_ISA_SOURCES = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _nvidia_dir(*parts):
@@ -84,7 +93,7 @@ def extension_and_cmdclass():
     build_temp = os.path.join(HERE, "build", f"temp-{config}")
     NxmBuildExtension = build_extension_command(build_temp)
 
-    sources = sorted(glob.glob("csrc/*.cpp"))
+    sources = sorted(set(glob.glob("csrc/*.cpp")) - set(ISA_SOURCES))  # ISA_SOURCES: see NxmBuildExtension
     cxx_flags = ["-O3", "-g0", "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in torch
     link_args = ["-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
@@ -143,7 +152,21 @@ def build_extension_command(build_temp):
                         extension.extra_link_args.append(f"-Wl,-rpath,{cusparselt_lib}")
             with open(os.path.join(self.build_temp, ".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
+                if BUILD_ISA_SOURCES:
+                    isa_objects = self.compile_isa_sources()
+                    for extension in self.extensions:
+                        extension.extra_objects.extend(isa_objects)
                 super().build_extensions()
+
+        def compile_isa_sources(self):
+            """Objects of ISA_SOURCES, each with its own flags (one flag set per Extension otherwise);
+            they include no torch header, only csrc/cpu_gemm.h."""
+            objects = []
+            for source, flags in ISA_SOURCES.items():
+                objects += self.compiler.compile([source], output_dir=self.build_temp,
+                                                 include_dirs=[os.path.join(HERE, "csrc")],
+                                                 extra_postargs=["-O3", "-g0", "-std=c++17", "-fPIC", *flags])
+            return objects
 
         def copy_file(self, infile, outfile, *args, **kwargs):
             partial = f"{outfile}.partial"

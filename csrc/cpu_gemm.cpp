@@ -1,0 +1,194 @@
+// CPU sparse GEMM y = x @ W^T (+ bias) of a packed N:M weight (the packed layout read as it is; no
+// conversion at load): checks, x in fp32, the SIMD kernel this CPU runs, and threads over output
+// rows with at::parallel_for (torch.set_num_threads applies). Specification: reference.sparse_mm.
+//
+// Kernels (chosen at run time, never by -march at build time):
+//   avx512    2:4 in cpu_gemm_avx512.cpp (AVX-512 F/BW/VL)
+//   avx2      2:4 in cpu_gemm_avx2.cpp (AVX2, FMA, F16C)
+//   portable  every n:m here, plain C++: the fallback, and the path of patterns other than 2:4.
+// All accumulate in fp32 and round the result once to the output dtype, as the reference does.
+// The schemas of sparse_mm_packed and cpu_isa: nxm_kernels/_ops.py.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cpu_gemm.h"
+#include "op_common.h"
+
+namespace nxm {
+namespace {
+
+// The ISA files exist on x86-64 only (setup.py compiles them there, with GCC or Clang).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NXM_X86_KERNELS 1
+#else
+#define NXM_X86_KERNELS 0
+#endif
+
+enum class Isa { kPortable, kAvx2, kAvx512 };
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+// The best kernel this CPU (and its OS: libgcc checks XGETBV) runs.
+Isa best_isa() {
+  static const Isa isa = [] {
+#if NXM_X86_KERNELS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return Isa::kAvx2;
+#endif
+    return Isa::kPortable;
+  }();
+  return isa;
+}
+
+// The kernel to run: the best one, or the one NXM_CPU_ISA names (read at every call, so that tests
+// and benchmarks can compare the kernels of one CPU).
+Isa requested_isa() {
+  const Isa best = best_isa();
+  const char* env = std::getenv("NXM_CPU_ISA");
+  const std::string name = env ? env : "";
+  if (name.empty() || name == "auto") return best;
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+    if (name != isa_name(isa)) continue;
+    TORCH_CHECK(isa <= best, "nxm::sparse_mm_packed: NXM_CPU_ISA=", name, " needs CPU features this CPU lacks (it runs ",
+                "up to ", isa_name(best), "): unset NXM_CPU_ISA or choose a lower one");
+    return isa;
+  }
+  TORCH_CHECK(false, "nxm::sparse_mm_packed: unknown NXM_CPU_ISA=", name, ": choose auto, avx512, avx2 or portable");
+}
+
+cpu_gemm::Dtype gemm_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cpu_gemm::Dtype::kFloat32;
+    case at::kBFloat16: return cpu_gemm::Dtype::kBFloat16;
+    case at::kHalf: return cpu_gemm::Dtype::kFloat16;
+    default: TORCH_CHECK(false, "nxm::sparse_mm_packed: the CPU GEMM takes float32, bfloat16 or float16, got ", t);
+  }
+}
+
+// Any n:m: each weight row's indices decoded once into columns, its values into fp32, then one dot
+// product per row of x.
+template <typename Value>
+void gemm_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t end) {
+  const int bits = index_bits(m);
+  const uint32_t index_mask = (1u << bits) - 1u;
+  const int64_t kept = a.k / m * n;
+  std::vector<int64_t> columns(kept);
+  std::vector<float> w(kept);
+  for (int64_t row = begin; row < end; ++row) {
+    const Value* values = static_cast<const Value*>(a.values) + row * kept;
+    const uint8_t* meta = a.meta + row * a.meta_stride;
+    uint32_t pending = 0;
+    int pending_bits = 0;
+    for (int64_t s = 0; s < kept; ++s) {
+      while (pending_bits < bits) {
+        pending |= uint32_t(*meta++) << pending_bits;
+        pending_bits += 8;
+      }
+      const uint32_t index = pending & index_mask;
+      pending >>= bits;
+      pending_bits -= bits;
+      // An index outside the group (only in unchecked corrupt metadata) contributes nothing, as in
+      // decompress_packed; it never reads outside x.
+      const bool valid = index < uint32_t(m);
+      columns[s] = s / n * m + (valid ? index : 0);
+      w[s] = valid ? float(values[s]) : 0.0f;
+    }
+    const float b = a.bias ? a.bias[row] : 0.0f;
+    for (int64_t i = 0; i < a.m_rows; ++i) {
+      const float* x = a.x + i * a.x_stride;
+      // Eight partial sums, as the SIMD kernels' lanes: independent chains, and a rounding error
+      // that grows with kept / 8 instead of kept.
+      float acc[8] = {};
+      int64_t s = 0;
+      for (; s + 8 <= kept; s += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += w[s + j] * x[columns[s + j]];
+      for (; s < kept; ++s) acc[s % 8] += w[s] * x[columns[s]];
+      const float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+      static_cast<Value*>(a.y)[i * a.y_stride + row] = Value(sum + b);
+    }
+  }
+}
+
+void run_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t end) {
+  switch (a.dtype) {
+    case cpu_gemm::Dtype::kFloat32: return gemm_portable<float>(a, n, m, begin, end);
+    case cpu_gemm::Dtype::kBFloat16: return gemm_portable<c10::BFloat16>(a, n, m, begin, end);
+    case cpu_gemm::Dtype::kFloat16: return gemm_portable<c10::Half>(a, n, m, begin, end);
+  }
+}
+
+at::Tensor sparse_mm_packed_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
+                                const std::optional<at::Tensor>& bias, int64_t n, int64_t m) {
+  const char* op = "nxm::sparse_mm_packed";
+  check_2d(x, "x", op);
+  const int64_t rows = x.size(0), cols = x.size(1);
+  check_packed_storage(values, metadata, cols, n, m, op);
+  const at::ScalarType t = values.scalar_type();
+  const cpu_gemm::Dtype dtype = gemm_dtype(t);
+  TORCH_CHECK(x.scalar_type() == t, op, ": x is ", x.scalar_type(), " but the weight is ", t, ": cast one to match");
+  const int64_t out_features = values.size(0);
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->scalar_type() == t, op,
+                ": bias must be ", t, " [", out_features, "], got ", bias->scalar_type(), " ", bias->sizes());
+  }
+  const Isa isa = requested_isa();
+
+  // x in fp32 with unit column stride: the kernels read it many times, the conversion costs one pass.
+  const bool x_usable = t == at::kFloat && (x.stride(1) == 1 || cols <= 1);
+  const at::Tensor x32 = x_usable ? x : at::empty({rows, cols}, x.options().dtype(at::kFloat)).copy_(x);
+  const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor v = values.contiguous(), meta = metadata.contiguous();
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  if (rows == 0 || out_features == 0) return y;
+
+  cpu_gemm::Args args{x32.const_data_ptr<float>(), x32.stride(0), rows, cols, v.const_data_ptr(),
+                      meta.const_data_ptr<uint8_t>(), meta.size(1), dtype,
+                      bias ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), y.stride(0)};
+  auto kernel = [&](int64_t begin, int64_t end) {
+#if NXM_X86_KERNELS
+    if (n == 2 && m == 4 && isa == Isa::kAvx512) return cpu_gemm::gemm_2of4_avx512(args, begin, end);
+    if (n == 2 && m == 4 && isa == Isa::kAvx2) return cpu_gemm::gemm_2of4_avx2(args, begin, end);
+#endif
+    run_portable(args, int(n), int(m), begin, end);
+  };
+  // Tasks of whole 4-row blocks (the SIMD kernels' unit) and at least ~64K multiply-adds each, so
+  // that the thread hand-off stays small against the work of a small layer.
+  const int64_t work_per_row = std::max<int64_t>(1, rows * cols / m * n);
+  const int64_t grain_rows = (std::max<int64_t>(1, (int64_t(1) << 16) / work_per_row) + 3) / 4 * 4;
+  at::parallel_for(0, out_features, grain_rows, [&](int64_t begin, int64_t end) {
+    // parallel_for splits anywhere: round the split points to 4-row blocks.
+    const int64_t b = begin == 0 ? 0 : (begin + 3) / 4 * 4, e = end == out_features ? end : (end + 3) / 4 * 4;
+    if (b < e) kernel(b, std::min(e, out_features));
+  });
+  return y;
+}
+
+std::string cpu_isa() { return isa_name(best_isa()); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nxm, CPU, m) {
+  m.impl("sparse_mm_packed", &sparse_mm_packed_cpu);
+}
+
+TORCH_LIBRARY_IMPL(nxm, CompositeExplicitAutograd, m) {
+  m.impl("cpu_isa", &cpu_isa);
+}
+
+}  // namespace nxm

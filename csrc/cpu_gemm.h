@@ -1,0 +1,36 @@
+// The CPU sparse GEMM y = x @ W^T (+ bias) of packed N:M weights (csrc/cpu_gemm.cpp): the arguments
+// its kernels share and the SIMD kernels of each instruction set.
+//
+// Torch-free on purpose: cpu_gemm_avx2.cpp and cpu_gemm_avx512.cpp are compiled with their own -m
+// flags (setup.py), and any inline function they shared with the rest of _C (a torch or std
+// template) could be linked into code that also runs on CPUs without that ISA. So the ISA files
+// include only this header and <immintrin.h>, and keep everything else in anonymous namespaces.
+#pragma once
+
+#include <cstdint>
+
+namespace nxm {
+namespace cpu_gemm {
+
+enum class Dtype : int { kFloat32, kBFloat16, kFloat16 };  // of the weight values, x and y
+
+struct Args {
+  const float* x;         // [m_rows, k] in fp32 (converted once per call), row stride x_stride
+  int64_t x_stride;
+  int64_t m_rows;         // M: rows of x
+  int64_t k;              // in_features, a multiple of 4
+  const void* values;     // [out_features, k / 2] of `dtype`, contiguous: the 2:4 packed layout
+  const uint8_t* meta;    // [out_features, meta_stride]: 2-bit kept indices, LSB first
+  int64_t meta_stride;
+  Dtype dtype;
+  const float* bias;      // [out_features] in fp32, or nullptr
+  void* y;                // [m_rows, out_features] of `dtype`, row stride y_stride
+  int64_t y_stride;
+};
+
+// y[:, begin:end] for output rows [begin, end) of a 2:4 weight; fp32 accumulation.
+void gemm_2of4_avx512(const Args& args, int64_t begin, int64_t end);
+void gemm_2of4_avx2(const Args& args, int64_t begin, int64_t end);
+
+}  // namespace cpu_gemm
+}  // namespace nxm

@@ -1,0 +1,160 @@
+"""The native CPU sparse GEMM (csrc/cpu_gemm*.cpp) against the reference: every kernel this CPU runs
+(AVX-512, AVX2, portable, forced through NXM_CPU_ISA), patterns, dtypes, M from 1 to 300, tails of
+K and of the output rows, strided and batched x, bias, and 1 or 2 threads."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import nxm_kernels as nxm
+from nxm_kernels import _extension, dispatch, reference
+
+from conftest import assert_matmul_close
+
+pytestmark = pytest.mark.skipif(
+    _extension.unavailable_reason() is not None, reason=f"no usable _C: {_extension.unavailable_reason()}"
+)
+
+ISAS = ("avx512", "avx2", "portable")  # best first
+GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def isas_here():
+    best = torch.ops.nxm.cpu_isa()
+    return ISAS[ISAS.index(best):]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if request.param not in isas_here():
+        pytest.skip(f"this CPU runs up to {torch.ops.nxm.cpu_isa()}, not {request.param}")
+    monkeypatch.setenv("NXM_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def native_mm(x, sw, bias=None):
+    return torch.ops.nxm.sparse_mm_packed(x, sw.values, sw.metadata, bias, sw.pattern.n, sw.pattern.m)
+
+
+def check(actual, x, sw, bias):
+    """Within the conftest tolerance of the exact product, and, element by element, within what two
+    fp32 sums of the same terms in different orders may differ (the reference's and the kernel's:
+    kept terms x eps32 x sum|x w|, the bound of recursive summation) plus one unit in the last
+    place of the output dtype. A dropped or misplaced term is far outside at these sizes."""
+    dense = reference.decompress(sw)
+    assert_matmul_close(actual, x, dense, bias)
+    expected = reference.sparse_mm(x, sw, bias).double()
+    terms = x.shape[-1] // sw.pattern.m * sw.pattern.n + (bias is not None)
+    magnitude = x.double().abs() @ dense.double().abs().T + (0 if bias is None else bias.double().abs())
+    allowed = torch.finfo(x.dtype).eps * expected.abs() + 2 * terms * torch.finfo(torch.float32).eps * magnitude
+    excess = (actual.double() - expected).abs() - allowed
+    assert excess.max() <= 0, f"{int((excess > 0).sum())} elements differ from the reference by more than allowed"
+
+
+# K: whole 32-column steps, and tails of 1, 5 and 7 groups (16-column steps for AVX2: 1, 1, 3);
+# out_features: whole 4-row blocks and a remainder of 1 or 3.
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(36, 128), (37, 100), (35, 116), (8, 124)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_2of4_every_kernel(isa, dtype, shape):
+    gen = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    sw = nxm.compress(torch.randn(shape, generator=gen).to(dtype), "2:4", layout="packed")
+    for rows in (1, 2, 3, 4, 5, 8, 9):  # every x-row tile and remainder of the kernels
+        x = torch.randn(rows, shape[1], generator=gen).to(dtype)
+        bias = torch.randn(shape[0], generator=gen).to(dtype) if rows % 2 else None
+        check(native_mm(x, sw, bias), x, sw, bias)
+
+
+@pytest.mark.parametrize("pattern", ["1:2", "1:4", "2:8", "4:8", "3:8", "1:16"])
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
+def test_other_patterns(isa, pattern, dtype):
+    gen = torch.Generator().manual_seed(7)
+    sw = nxm.compress(torch.randn(19, 96, generator=gen).to(dtype), pattern, layout="packed")
+    for rows in (1, 6):
+        x = torch.randn(rows, 96, generator=gen).to(dtype)
+        bias = torch.randn(19, generator=gen).to(dtype)
+        check(native_mm(x, sw, bias), x, sw, bias)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
+def test_threads_give_the_same_bits(threads, rows, dtype):
+    """Threads split the output rows, never a dot product: any thread count gives the same bits."""
+    gen = torch.Generator().manual_seed(rows)
+    sw = nxm.compress(torch.randn(264, 384, generator=gen).to(dtype), "2:4", layout="packed")
+    x = torch.randn(rows, 384, generator=gen).to(dtype)
+    bias = torch.randn(264, generator=gen).to(dtype)
+    y = native_mm(x, sw, bias)
+    check(y, x, sw, bias)
+    torch.set_num_threads(1)
+    assert torch.equal(y, native_mm(x, sw, bias))
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
+def test_strided_and_batched_x_through_sparse_mm(isa, dtype):
+    gen = torch.Generator().manual_seed(3)
+    sw = nxm.compress(torch.randn(40, 160, generator=gen).to(dtype), "2:4", layout="packed")
+    bias = torch.randn(40, generator=gen).to(dtype)
+    batched = torch.randn(3, 5, 160, generator=gen).to(dtype)
+    y = nxm.sparse_mm(batched, sw, bias, backend="native")
+    assert y.shape == (3, 5, 40)
+    check(y.reshape(15, 40), batched.reshape(15, 160), sw, bias)
+    columns_strided = torch.randn(320, 6, generator=gen).to(dtype)[::2].t()  # [6, 160], strides (1, 12)
+    every_other_row = torch.randn(12, 160, generator=gen).to(dtype)[::2]  # row stride 320
+    for x in (columns_strided, every_other_row):
+        assert not x.is_contiguous()
+        check(nxm.sparse_mm(x, sw, None, backend="native"), x.contiguous(), sw, None)
+
+
+def test_empty_x_and_opcheck():
+    sw = nxm.compress(torch.randn(8, 64), "2:4", layout="packed")
+    assert native_mm(torch.randn(0, 64), sw).shape == (0, 8)
+    x, bias = torch.randn(3, 64), torch.randn(8)
+    torch.library.opcheck(torch.ops.nxm.sparse_mm_packed.default, (x, sw.values, sw.metadata, bias, 2, 4))
+
+
+def test_errors_name_the_problem(monkeypatch):
+    sw = nxm.compress(torch.randn(8, 64), "2:4", layout="packed")
+    with pytest.raises(RuntimeError, match="x is BFloat16 but the weight is Float: cast one to match"):
+        native_mm(torch.randn(2, 64, dtype=torch.bfloat16), sw)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        sw8 = nxm.compress(torch.randint(-9, 9, (8, 64), dtype=torch.int8), "2:4", layout="packed")
+        native_mm(torch.randint(-9, 9, (2, 64), dtype=torch.int8), sw8)
+    monkeypatch.setenv("NXM_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="unknown NXM_CPU_ISA=sse9: choose auto, avx512, avx2 or portable"):
+        native_mm(torch.randn(2, 64), sw)
+
+
+def test_cpu_isa_follows_the_cpu_flags():
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        expected = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        expected = "avx2"
+    else:
+        expected = "portable"
+    assert torch.ops.nxm.cpu_isa() == expected
+
+
+def test_auto_dispatch_runs_the_native_gemm_on_cpu():
+    sw = nxm.compress(torch.randn(8, 64, dtype=torch.bfloat16), "2:4", layout="packed")
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    assert dispatch.select("sparse_mm", None, {"x": x, "sw": sw, "bias": None}).name == "native"
+    int8 = nxm.compress(torch.randint(-9, 9, (8, 64), dtype=torch.int8), "2:4", layout="packed")
+    x8 = torch.randint(-9, 9, (2, 64), dtype=torch.int8)
+    assert dispatch.select("sparse_mm", None, {"x": x8, "sw": int8, "bias": None}).name != "native"
