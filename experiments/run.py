@@ -1,7 +1,7 @@
 """The real-model experiment: does ADMM buy accuracy over one-shot magnitude pruning at 2:4?
 
 all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes sentence sentiment, 2:4 on all 36 encoder Linears,
-four methods under one protocol (see ``sentiment.Config``), several seeds. The defaults are the
+four methods under one protocol (see ``nxm_kernels.harness.Config``), several seeds. The defaults are the
 full protocol; flags shrink it. Each run writes, under ``--out`` (experiments/results/):
 ``<name>.json`` (config, per-seed rows, summary, command, environment), ``<name>.md`` (the table
 and the exact command), and regenerates ``SUMMARY.md`` from every JSON there, so no run is lost.
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import sentiment  # noqa: E402
+from nxm_kernels import harness
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,8 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument(
         "--methods",
-        default=";".join(sentiment.METHODS),
-        help=f"';'-separated subset of {';'.join(sentiment.METHODS)}; ADMM variants as "
+        default=";".join(harness.METHODS),
+        help=f"';'-separated subset of {';'.join(harness.METHODS)}; ADMM variants as "
         "'admm[penalty=loss,rho=1e-3,rho_factor=100,update_every=16]' (default: all four)",
     )
     p.add_argument("--name", default=None, help="results file stem (default: derived from the settings)")
@@ -55,8 +54,8 @@ def parse_args(argv=None):
         help="instead of training, merge finished runs of the same settings (seeds or methods run in "
         "separate processes) into one table named --name",
     )
-    defaults = sentiment.Config()
-    for f in fields(sentiment.Config):
+    defaults = harness.Config()
+    for f in fields(harness.Config):
         if f.name == "extra":
             continue
         p.add_argument(
@@ -203,7 +202,7 @@ def combine(paths, note=""):
         "seeds": sorted({r["seed"] for r in results}),
         "methods": methods,
         "results": results,
-        "summary": sentiment.summarize(results, methods),
+        "summary": harness.summarize(results, methods),
         "wall_seconds": sum(r["wall_seconds"] for r in runs),
         "combined_from": [Path(p).name for p in paths],
         "environment": runs[0].get("environment"),
@@ -225,10 +224,10 @@ def main(argv=None):
     methods = [m.strip() for m in args.methods.split(";")]
     for method in methods:
         try:
-            sentiment.parse_method(method)
+            harness.parse_method(method)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-    cfg = sentiment.Config(**{f.name: getattr(args, f.name) for f in fields(sentiment.Config) if f.name != "extra"})
+    cfg = harness.Config(**{f.name: getattr(args, f.name) for f in fields(harness.Config) if f.name != "extra"})
     name = (
         args.name
         or f"rt{cfg.train_size}_e{cfg.dense_epochs:g}-{cfg.sparse_epochs:g}-{cfg.finetune_epochs:g}_s{len(seeds)}"
@@ -237,17 +236,17 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
-    texts, labels, test_texts, test_labels = sentiment.load_rotten_tomatoes()
-    tokenizer, _ = sentiment.load_minilm()
+    texts, labels, test_texts, test_labels = harness.load_rotten_tomatoes()
+    tokenizer, _ = harness.load_minilm()
     start = time.perf_counter()
 
     def write(results, done):
-        summary = sentiment.summarize(results, methods)
+        summary = harness.summarize(results, methods)
         data = {
             "note": args.note,
             "complete": done,
             "command": command,
-            "config": sentiment.config_dict(cfg),
+            "config": harness.config_dict(cfg),
             "seeds": seeds,
             "methods": methods,
             "results": results,
@@ -264,12 +263,12 @@ def main(argv=None):
         write_summary(out)
         return summary
 
-    results = sentiment.train_and_evaluate(
+    results = harness.train_and_evaluate(
         texts,
         labels,
         test_texts,
         test_labels,
-        lambda: sentiment.load_minilm()[1],
+        lambda: harness.load_minilm()[1],
         tokenizer,
         cfg,
         seeds,

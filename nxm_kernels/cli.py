@@ -321,7 +321,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from . import demo
 
-    demo.main()
+    demo.run(args)
     return 0
 
 
@@ -410,7 +410,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to python -m benchmarks.run")
     p.set_defaults(run=cmd_bench)
 
-    p = commands.add_parser("demo", help="the end-to-end demo (what `make demo` runs)")
+    from . import demo
+
+    p = commands.add_parser(
+        "demo",
+        help="the end-to-end demo (what `make demo` runs)",
+        description=demo.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_arguments(p)
     p.set_defaults(run=cmd_demo)
     return parser
 

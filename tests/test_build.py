@@ -138,6 +138,7 @@ def test_wheel_installs_into_a_clean_venv(tmp_path):
         names = archive.namelist()
     assert any(re.fullmatch(r"nxm_kernels/_C\..*\.so", name) for name in names), names
     assert {"nxm_kernels/_csrc/nm_core.h", "nxm_kernels/_csrc/cuda/nm_kernels.cu"} <= set(names)
+    assert {"nxm_kernels/harness/data.py", "nxm_kernels/harness/protocol.py", "nxm_kernels/demo.py"} <= set(names)
     venv = tmp_path / "clean"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
@@ -150,9 +151,35 @@ def test_wheel_installs_into_a_clean_venv(tmp_path):
     (site / "nvidia").symlink_to(dev_site / "nvidia")
     so = Path(run(python, "-c", SMOKE, cwd=tmp_path).strip().splitlines()[-1])
     assert so.is_relative_to(site)
+    # The demo's command and its harness come from the wheel: nothing from a checkout's experiments/.
+    demo_help = run(venv / "bin" / "nxm", "demo", "--help", cwd=tmp_path)
+    assert "--method" in demo_help and "nxm_kernels.harness" in demo_help
+    where = run(python, "-c", "import nxm_kernels.harness as h, nxm_kernels.demo as d; print(h.__file__, d.__file__)",
+                cwd=tmp_path)
+    assert all(Path(p).is_relative_to(site) for p in where.split()), where
     if _extension.has_cuda_kernels():
         torch_lib = dev_site / "torch" / "lib"
         cuda_lib = next((dev_site / "nvidia").glob("cu*/lib"))
         resolved = run("ldd", so, env={**os.environ, "LD_LIBRARY_PATH": f"{torch_lib}:{cuda_lib}"})
         (line,) = [line for line in resolved.splitlines() if "libcusparseLt.so.0" in line]
         assert f"{site}/nxm_kernels/../nvidia/cusparselt/lib/libcusparseLt.so.0" in line, line
+
+
+DEMO_WITHOUT_EXPERIMENTS = """
+import sys
+from nxm_kernels import cli
+try:
+    cli.main(["demo", "--help"])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+import nxm_kernels.harness
+files = [getattr(m, "__file__", None) or "" for m in list(sys.modules.values())]
+assert not [f for f in files if "/experiments/" in f], [f for f in files if "/experiments/" in f]
+assert not [p for p in sys.path if p.rstrip("/").endswith("experiments")], sys.path
+"""
+
+
+def test_demo_imports_nothing_from_experiments(tmp_path):
+    """The fast half of the wheel test above: `nxm demo --help` and the harness import with no
+    experiments/ folder on the path."""
+    assert "--method" in run(sys.executable, "-c", DEMO_WITHOUT_EXPERIMENTS, cwd=tmp_path)

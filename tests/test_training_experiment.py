@@ -1,6 +1,6 @@
-"""The experiment's protocol (experiments/sentiment.py, run.py) on a tiny BERT and made-up
-sentences: every method gets the same steps, sparse methods end exactly 2:4, and a run leaves its
-JSON, table, command and summary."""
+"""The experiment's protocol (nxm_kernels.harness, experiments/run.py) on a tiny BERT and made-up
+sentences: every method gets the same steps, sparse methods end exactly 2:4, the number of labels
+comes from the data, and a run leaves its JSON, table, command and summary."""
 
 import json
 import sys
@@ -11,10 +11,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
-import run  # noqa: E402
-import sentiment  # noqa: E402
 from conftest import tiny_bert_config  # noqa: E402
+
+from nxm_kernels import harness  # noqa: E402
+from nxm_kernels.harness import data  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+import run  # noqa: E402  the experiment's command line
 
 WORDS = ["good", "great", "fine", "bad", "awful", "dull", "the", "film", "was", "a", "plot"]
 
@@ -57,9 +60,9 @@ def _inputs():
 
 
 def test_protocol_same_steps_exact_pattern_and_results_files(tmp_path):
-    cfg = sentiment.Config(**TINY, distill=0.5)
+    cfg = harness.Config(**TINY, distill=0.5)
     methods = ["dense", "magnitude", "srste", "admm", "admm[penalty=loss,rho=1e-2]"]
-    results = sentiment.train_and_evaluate(
+    results = harness.train_and_evaluate(
         *_inputs(),
         cfg,
         [0],
@@ -80,11 +83,11 @@ def test_protocol_same_steps_exact_pattern_and_results_files(tmp_path):
         "note": "test",
         "complete": True,
         "command": "python experiments/run.py --seeds 0",
-        "config": sentiment.config_dict(cfg),
+        "config": harness.config_dict(cfg),
         "seeds": [0],
         "methods": methods,
         "results": results,
-        "summary": sentiment.summarize(results, methods),
+        "summary": harness.summarize(results, methods),
         "wall_seconds": 1.0,
     }
     (tmp_path / "t.json").write_text(json.dumps(data))
@@ -106,11 +109,11 @@ def test_protocol_same_steps_exact_pattern_and_results_files(tmp_path):
 )
 def test_bad_method_names_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
-        sentiment.parse_method(bad)
+        harness.parse_method(bad)
 
 
 def _protocol(cache_dir=None, **overrides):
-    return sentiment.Protocol(*_inputs(), sentiment.Config(**(TINY | overrides)), quiet=True, cache_dir=cache_dir)
+    return harness.Protocol(*_inputs(), harness.Config(**(TINY | overrides)), quiet=True, cache_dir=cache_dir)
 
 
 def test_method_settings_move_the_prune_within_the_same_budget_and_add_distillation():
@@ -147,12 +150,12 @@ def test_dense_cache_gives_the_same_run_as_training(tmp_path):
 def test_mask_moved_counts_kept_weights_outside_the_first_mask():
     before = {"a": torch.tensor([[True, True, False, False]]), "b": torch.tensor([[False, True, True, False]])}
     after = {"a": torch.tensor([[True, False, True, False]]), "b": before["b"].clone()}
-    assert sentiment.mask_moved(before, after) == 1 / 4
-    assert sentiment.mask_moved(before, before) == 0
+    assert harness.mask_moved(before, after) == 1 / 4
+    assert harness.mask_moved(before, before) == 0
 
 
 def _run_json(path, seeds, methods, accs, **config):
-    cfg = sentiment.config_dict(sentiment.Config(**config))
+    cfg = harness.config_dict(harness.Config(**config))
     rows = [
         {"seed": s, "method": m, "acc": a, "exact_nm": None}
         for (s, m), a in zip([(s, m) for s in seeds for m in methods], accs)
@@ -195,6 +198,42 @@ def test_table_marks_a_seed_whose_run_did_not_record_a_column():
     older = {"seed": 0, "method": "admm", "acc": 0.79, "acc_at_prune": 0.761, "exact_nm": True}
     newer = {"seed": 1, "method": "admm", "acc": 0.78, "acc_at_prune": 0.766, "exact_nm": True}
     rows = [older, {**newer, "acc_before_prune": 0.7595, "mask_moved": 0.041}]
-    line = run.table(sentiment.summarize(rows, ["admm"]), rows, ["admm"]).splitlines()[-1]
+    line = run.table(harness.summarize(rows, ["admm"]), rows, ["admm"]).splitlines()[-1]
     assert "| – / 0.7610, 0.7595 / 0.7660 |" in line
     assert "| –, 4.1% |" in line
+
+
+def _three_class_sentences(n, seed):
+    texts, labels = _sentences(n, seed)
+    return [t + (" plot" if i % 3 == 2 else "") for i, t in enumerate(texts)], [
+        2 if i % 3 == 2 else label for i, label in enumerate(labels)
+    ]
+
+
+def test_the_number_of_labels_comes_from_the_data():
+    protocol = harness.Protocol(
+        *_three_class_sentences(96, 0), *_three_class_sentences(64, 1), _encoder, WordTokenizer(),
+        harness.Config(**TINY), quiet=True,
+    )
+    assert protocol.num_labels == 3
+    protocol.dense_phase(0)
+    model, _, row = protocol.sparse_run("magnitude")
+    assert model.classifier.out_features == 3 and row["exact_nm"] is True
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [([0, 0], "K >= 2"), ([0, 2], r"0..K-1 .* got \[0, 2\]"), ([0.0, 1.0], "must be ints"), ([True, False], "must be ints")],
+)
+def test_labels_that_are_not_0_to_k_minus_1_are_refused(labels, match):
+    with pytest.raises(ValueError, match=match):
+        harness.count_labels(labels)
+
+
+def test_install_hints_match_the_experiment_requirements():
+    """A missing extra package is named with the pin the experiment's requirement files hold."""
+    experiments = Path(__file__).resolve().parent.parent / "experiments"
+    pins = set((experiments / "requirements-nodeps.txt").read_text().split()) | set(
+        (experiments / "requirements.txt").read_text().split()
+    )
+    assert set(data.NO_DEPS_PACKAGES.values()) | set(data.PACKAGES.values()) <= pins

