@@ -299,6 +299,12 @@ def cmd_backends(args) -> int:
         print(f"  {name.ljust(width)}  {'available' if why is None else 'unavailable: ' + why}")
     env = os.environ.get("NXM_BACKEND")
     print(f"NXM_BACKEND={env} (overrides 'auto')" if env else "NXM_BACKEND is not set: calls use 'auto'")
+    if available.get("native") is None:
+        import torch
+
+        forced = os.environ.get("NXM_CPU_ISA")
+        print(f"native CPU GEMM: {torch.ops.nxm.cpu_isa()} kernels on this CPU"
+              + (f" (NXM_CPU_ISA={forced} chooses which run)" if forced else ""))
     return 0
 
 

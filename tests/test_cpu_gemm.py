@@ -158,3 +158,11 @@ def test_auto_dispatch_runs_the_native_gemm_on_cpu():
     int8 = nxm.compress(torch.randint(-9, 9, (8, 64), dtype=torch.int8), "2:4", layout="packed")
     x8 = torch.randint(-9, 9, (2, 64), dtype=torch.int8)
     assert dispatch.select("sparse_mm", None, {"x": x8, "sw": int8, "bias": None}).name != "native"
+
+
+def test_nxm_backends_names_the_isa(capsys, monkeypatch):
+    from nxm_kernels import cli
+
+    monkeypatch.delenv("NXM_CPU_ISA", raising=False)
+    assert cli.main(["backends"]) == 0
+    assert f"native CPU GEMM: {torch.ops.nxm.cpu_isa()} kernels on this CPU" in capsys.readouterr().out
