@@ -125,8 +125,11 @@ def select_layers(
             skipped[name] = f"{dense[name]}; name it in include= to make it sparse"
             continue
         layer_pattern = layer_pattern_of(name, module, asked)
-        if whole_groups and module.in_features % layer_pattern.m:
-            reason = f"in_features {module.in_features} is not a multiple of m={layer_pattern.m}"
+        rows, cols = layer_pattern.block
+        if whole_groups and (module.in_features % cols or module.out_features % rows):
+            reason = (f"in_features {module.in_features} is not a multiple of m={cols}" if rows == 1 else
+                      f"its {module.out_features}x{module.in_features} weight does not tile into the "
+                      f"{rows}x{cols} blocks of {layer_pattern}")
             if include is not None or mk is not None:
                 raise ValueError(f"layer {name!r} cannot be trained to {layer_pattern}: {reason}; exclude it")
             skipped[name] = reason

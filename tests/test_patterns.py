@@ -204,3 +204,56 @@ def test_refusals_name_the_fix(text, message):
 def test_block_kinds_refuse_an_explicit_row_backend():
     with pytest.raises(nxm.BackendNotSupported, match="selects row N:M patterns only"):
         nxm.nm_mask(torch.randn(4, 4), "2:4t", backend="native")
+
+
+# ------------------------------------------------------------------ training with every kind
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 32), torch.nn.GELU(),
+                               torch.nn.Linear(32, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+
+def _train(model, sparsifier, steps, lr=0.05):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 8, generator=g)
+    y = (x[:, :4].sum(1) > 0).long() + 2 * (x[:, 4:].sum(1) > 0).long()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(x), y) + sparsifier.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sparsifier.step()
+
+
+def test_admm_with_2_4t_ends_with_w_and_its_transpose_exactly_2_4():
+    from nxm_kernels.training import ADMMSparsifier, geometric_rho
+
+    model = _tiny_model()
+    admm = ADMMSparsifier(model, "2:4t", rho=1e-2, rho_schedule=geometric_rho(1000.0, 150), update_every=4,
+                          include=["2", "4"])
+    _train(model, admm, 200)
+    assert admm.residual()["primal"] < 1e-3
+    admm.finalize()
+    for module in admm.targets.values():
+        w = module.weight.detach()
+        assert nxm.is_nm_sparse(w, "2:4") and nxm.is_nm_sparse(w.T.contiguous(), "2:4") and nxm.is_nm_sparse(w, "2:4t")
+        assert int((w != 0).sum()) == w.numel() // 2
+
+
+@pytest.mark.parametrize("text", ["2:4t", "8:4x4", str(library_4x4())])
+@pytest.mark.parametrize("method", ["magnitude", "srste"])
+def test_magnitude_and_srste_train_every_kind(text, method):
+    from nxm_kernels.training import MagnitudePruner, SRSTESparsifier
+
+    model = _tiny_model()
+    make = MagnitudePruner if method == "magnitude" else SRSTESparsifier
+    sparsifier = make(model, text, include=["2", "4"])
+    _train(model, sparsifier, 5)
+    sparsifier.finalize()
+    _train(model, sparsifier, 3)
+    for module in sparsifier.targets.values():
+        w = module.weight.detach()
+        assert nxm.is_nm_sparse(w, text) and int((w != 0).sum()) == w.numel() // 2

@@ -59,6 +59,12 @@ class PatternKind:
         """True when the nonzeros of ``t`` fit the pattern in every block."""
         raise NotImplementedError
 
+    def projection_scores(self, w: torch.Tensor) -> torch.Tensor | None:
+        """Scores under which selection is the Euclidean projection onto the pattern (the ADMM
+        Z-step): ``w**2``, exact in float64. None for kinds that keep the largest entries, where
+        ``|w|`` already selects the same mask."""
+        return w.to(torch.float64).square()
+
     def check_shape(self, shape, what: str = "weight") -> None:
         """Raise ValueError naming the block and the padding unless ``shape`` tiles into blocks."""
         rows, cols = self.block

@@ -80,6 +80,9 @@ class Pattern(PatternKind):
 
         return reference.nm_mask(w, self, scores)
 
+    def projection_scores(self, w: torch.Tensor) -> None:
+        return None  # the largest |w| are the largest w**2
+
     def is_valid(self, t: torch.Tensor) -> bool:
         from .. import reference
 

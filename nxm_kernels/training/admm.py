@@ -118,7 +118,8 @@ class ADMMSparsifier(NMSparsifier):
         with torch.no_grad():
             for name, module in self.targets.items():
                 w = self._master(module.weight)
-                self.Z[name] = ops.project(w, self.pattern) if start is None else start[name].to(w.dtype)
+                self.Z[name] = (ops.project(w, self.pattern, self.pattern.projection_scores(w)) if start is None
+                                else start[name].to(w.dtype))
                 self.U[name] = torch.zeros_like(w)
 
     def penalty(self) -> torch.Tensor:
@@ -166,7 +167,8 @@ class ADMMSparsifier(NMSparsifier):
         dual = 0.0
         for n, module in self.targets.items():
             w = self._master(module.weight)
-            z = ops.project(w + self.U[n], self.pattern)
+            v = w + self.U[n]
+            z = ops.project(v, self.pattern, self.pattern.projection_scores(v))  # Euclidean for every kind
             dual += float((z - self.Z[n]).pow(2).sum())
             self.Z[n] = z
             self.U[n].add_(w - z)
