@@ -149,3 +149,13 @@ def test_admm_updates_z_and_u_at_exactly_every_update_every_steps():
 def test_geometric_rho_reaches_its_factor_at_the_given_step():
     schedule = geometric_rho(100.0, 4)
     assert [schedule(s) for s in range(6)] == pytest.approx([1.0, 100**0.25, 10.0, 100**0.75, 100.0, 100.0])
+
+
+def test_srste_leaves_out_what_its_forward_cannot_reach_others_train_it():
+    def model():
+        return nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+
+    srste = SRSTESparsifier(model())
+    assert sorted(srste.targets) == ["layers.0.linear1", "layers.0.linear2"]
+    assert "reads out_proj.weight directly" in srste.skipped["layers.0.self_attn.out_proj"]
+    assert "layers.0.self_attn.out_proj" in MagnitudePruner(model()).targets

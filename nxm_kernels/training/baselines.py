@@ -78,6 +78,14 @@ class SRSTESparsifier(NMSparsifier):
             module._nxm_pattern, module._nxm_decay = self.pattern, self.decay
             module.forward = types.MethodType(_srste_forward, module)
 
+    def _cannot_train(self, parent: nn.Module | None) -> str | None:
+        if isinstance(parent, nn.MultiheadAttention):
+            return (
+                "its MultiheadAttention reads out_proj.weight directly, so SR-STE's projected forward would "
+                "be bypassed: train it with ADMMSparsifier or MagnitudePruner, or exclude it"
+            )
+        return None
+
     def finalize(self) -> "SRSTESparsifier":
         self._restore_forward()
         return super().finalize()

@@ -66,6 +66,15 @@ class NMSparsifier:
     ):
         self.pattern = as_pattern(pattern)
         self.targets, self.skipped = select_linears(model, self.pattern, include, exclude)
+        parents = {f"{p}.{c}" if p else c: parent for p, parent in unwrap(model).named_modules()
+                   for c, _ in parent.named_children()}
+        for name in list(self.targets):
+            why = self._cannot_train(parents.get(name))
+            if why is not None:
+                del self.targets[name]
+                self.skipped[name] = why
+        if not self.targets:
+            raise ValueError(f"{type(self).__name__} can train none of the selected layers: {self.skipped}")
         for module in self.targets.values():
             mark(module, self.pattern, self.kind)
         self.masks: dict[str, torch.Tensor] | None = None
@@ -134,6 +143,10 @@ class NMSparsifier:
             self._fix_masks({n: state["masks"][n].to(m.weight.device) for n, m in self.targets.items()})
 
     # -- helpers --------------------------------------------------------------------------------
+    def _cannot_train(self, parent: nn.Module | None) -> str | None:
+        """Why a selected layer under ``parent`` cannot be trained by this method (None: it can)."""
+        return None
+
     def _sparsify_step(self) -> None:
         pass
 
