@@ -1,0 +1,108 @@
+"""Random damage to checkpoints: every damaged copy is refused with CheckpointError or loads as
+exactly the saved model. One checkpoint per stored layout and value dtype, four kinds of damage:
+one bit flipped in the JSON header, one bit flipped in the tensor data, the file truncated, a run
+of up to 15 random bytes written anywhere. Without verification, the same damage loads silently
+as a different model, which is what the checksums are for."""
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import nxm_kernels as nxm
+from nxm_kernels.nn import FLOAT_DTYPES, STORED_LAYOUTS, SparseLinear
+
+COPIES_PER_KIND = 25  # x 4 kinds x 6 checkpoints (2 layouts x 3 dtypes) = 600 copies
+KINDS = ("header bit", "data bit", "truncation", "random run")
+
+
+def dense_model(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 8)).to(dtype)
+
+
+def sparse_model(layout, dtype):
+    """``dense_model`` with its first Linear in ``layout``, in the first pattern the layout holds
+    for ``dtype`` (cutlass: 2:4 for fp16/bf16, 1:2 for fp32)."""
+    model = dense_model(dtype)
+    for pattern in ("2:4", "1:2"):
+        try:
+            model[0] = SparseLinear.from_dense(model[0], pattern, layout=layout)
+            return model
+        except (TypeError, ValueError):
+            continue
+    raise AssertionError(f"layout {layout} holds {dtype} in neither 2:4 nor 1:2")
+
+
+def outputs(model, dtype):
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        return model(x)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def damage(data: bytes, kind: str, rng: random.Random) -> bytes:
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    copy = bytearray(data)
+    if kind == "header bit":
+        copy[rng.randrange(8, header_end)] ^= 1 << rng.randrange(8)
+    elif kind == "data bit":
+        copy[rng.randrange(header_end, len(data))] ^= 1 << rng.randrange(8)
+    elif kind == "truncation":
+        del copy[rng.randrange(len(data)) :]
+    else:
+        length = rng.randint(1, 15)
+        start = rng.randrange(len(data) - length + 1)
+        copy[start : start + length] = rng.randbytes(length)
+    return bytes(copy)
+
+
+def fuzz(tmp_path, verify: bool) -> dict[str, list[str]]:
+    """Load damaged copies of each checkpoint; the copies sorted by outcome."""
+    rng = random.Random(21)
+    found = {"refused": [], "identical": [], "silently different": [], "crashed": []}
+    for layout in STORED_LAYOUTS:
+        for dtype in FLOAT_DTYPES:
+            model = sparse_model(layout, dtype)
+            assert model[0].layout == layout
+            saved, damaged = tmp_path / "saved.safetensors", tmp_path / "damaged.safetensors"
+            nxm.save(model, saved)
+            data, expected, state = saved.read_bytes(), outputs(model, dtype), model.state_dict()
+            for kind in KINDS:
+                for _ in range(COPIES_PER_KIND):
+                    damaged.write_bytes(damage(data, kind, rng))
+                    case = f"{layout} {dtype} {kind}"
+                    try:
+                        loaded = nxm.load(damaged, dense_model(dtype), verify=verify)
+                        got, got_state = outputs(loaded, dtype), loaded.state_dict()
+                    except nxm.CheckpointError:
+                        found["refused"].append(case)
+                        continue
+                    except Exception as e:  # what the test is looking for: any other exception
+                        found["crashed"].append(f"{case}: {type(e).__name__}: {e}")
+                        continue
+                    unchanged = same_bits(got, expected) and all(
+                        same_bits(got_state[k], v) for k, v in state.items()
+                    )
+                    found["identical" if unchanged else "silently different"].append(case)
+    assert sum(map(len, found.values())) == len(STORED_LAYOUTS) * len(FLOAT_DTYPES) * len(KINDS) * COPIES_PER_KIND
+    return found
+
+
+def test_every_damaged_copy_is_refused_or_loads_identically(tmp_path):
+    found = fuzz(tmp_path, verify=True)
+    assert sum(map(len, found.values())) >= 500
+    assert found["crashed"] == []
+    assert found["silently different"] == []
+    assert len(found["refused"]) > 0.9 * sum(map(len, found.values()))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # a damaged version number can make it read as version 1
+def test_without_verification_damage_loads_as_a_different_model(tmp_path):
+    found = fuzz(tmp_path, verify=False)
+    assert found["crashed"] == []
+    assert len(found["silently different"]) > 0
