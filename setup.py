@@ -199,7 +199,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["nxm_kernels", "nxm_kernels.*"]),
-    install_requires=["torch>=2.4", "triton; platform_system == 'Linux'", "xxhash>=2"],
+    # Ranges, never pins: a GPU server builds against the torch it has (oldest: nxm_kernels/_compat.py).
+    install_requires=["torch>=2.11", "triton>=3.6; platform_system == 'Linux'", "xxhash>=2"],
     extras_require={
         "checkpoint": ["safetensors"],
         # CUDA kernels compiled at run time when _C has none; the CuPy build must match torch's CUDA major.

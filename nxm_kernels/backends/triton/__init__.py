@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import _compat
 from ...dispatch import OPS, Backend
 from ...formats import NMSparseWeight
 
@@ -36,6 +37,8 @@ class TritonBackend(Backend):
     def unavailable_reason(self) -> str | None:
         if _IMPORT_ERROR:
             return _IMPORT_ERROR
+        if kernels.INTERPRETED and _compat.triton_interpreter_problem():
+            return _compat.triton_interpreter_problem()
         if not kernels.INTERPRETED and not torch.cuda.is_available():
             return ("no CUDA GPU here: the Triton kernels run on CUDA tensors, or on CPU tensors under "
                     "TRITON_INTERPRET=1 set before importing nxm_kernels (slow; for testing)")
