@@ -10,7 +10,7 @@ import torch
 
 from . import dispatch, reference
 from .formats import NMSparseWeight, check_layout
-from .pattern import PatternLike, as_pattern, check_groups
+from .pattern import Pattern, PatternLike, as_pattern, check_groups
 
 SELECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8)
 
@@ -51,10 +51,12 @@ def _check_selection_inputs(w, pattern, scores) -> None:
 
 def nm_mask(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str | None = None) -> torch.Tensor:
     """Bool mask with exactly n True per group of m along dim -1: the n largest |w| (or
-    ``scores``) of each group, ties to the lower index."""
+    ``scores``) of each group, ties to the lower index. For the block kinds (``"2:4t"``,
+    ``"8:4x4"``, libraries): in every block, the allowed mask with the largest sum of |w| (or
+    ``scores``), ties to the lowest flat index (a library: the lowest mask number)."""
     pattern = as_pattern(pattern)
     _check_selection_inputs(w, pattern, scores)
-    return dispatch.run("nm_mask", backend, w=w, pattern=pattern, scores=scores)
+    return _select("nm_mask", backend, w, pattern, scores)
 
 
 def project(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str | None = None) -> torch.Tensor:
@@ -62,14 +64,28 @@ def project(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str 
     onto the N:M set when ``scores`` is None."""
     pattern = as_pattern(pattern)
     _check_selection_inputs(w, pattern, scores)
-    return dispatch.run("project", backend, w=w, pattern=pattern, scores=scores)
+    return _select("project", backend, w, pattern, scores)
+
+
+def _select(op: str, backend, w, pattern, scores) -> torch.Tensor:
+    """Row N:M runs on the dispatched kernels; the block kinds on their own exact search."""
+    if isinstance(pattern, Pattern):
+        return dispatch.run(op, backend, w=w, pattern=pattern, scores=scores)
+    if backend not in (None, "auto", "reference"):
+        raise dispatch.BackendNotSupported(
+            f"backend {backend!r} selects row N:M patterns only; pattern {pattern} is selected by its own "
+            "exact search: leave backend unset"
+        )
+    mask = pattern.mask(w, scores)
+    return mask if op == "nm_mask" else torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 def is_nm_sparse(z: torch.Tensor, pattern: PatternLike) -> bool:
-    """True when every group of m along dim -1 has at most n nonzeros."""
+    """True when the nonzeros of ``z`` fit the pattern: for row n:m, at most n in every group of m
+    along dim -1; for the block kinds, in every block (see ``nxm_kernels.patterns``)."""
     pattern = as_pattern(pattern)
     check_groups(z.shape, pattern, "tensor")
-    return reference.is_nm_sparse(z, pattern)
+    return pattern.is_valid(z)
 
 
 def compress(
@@ -78,6 +94,9 @@ def compress(
     """Select as :func:`nm_mask` does and keep only the selected values plus their indices."""
     pattern = as_pattern(pattern)
     _check_selection_inputs(w, pattern, scores)
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"layout {str(layout)!r} stores row n:m weights, not pattern {pattern}: "
+                         "project to the pattern (nxm.project) and keep the dense weight")
     check_layout(w.dtype, w.shape, pattern, layout)
     values, metadata = dispatch.run("compress", backend, w=w, pattern=pattern, layout=layout, scores=scores)
     return NMSparseWeight(values, metadata, tuple(w.shape), pattern, layout, check_metadata=False)

@@ -257,3 +257,21 @@ def test_magnitude_and_srste_train_every_kind(text, method):
     for module in sparsifier.targets.values():
         w = module.weight.detach()
         assert nxm.is_nm_sparse(w, text) and int((w != 0).sum()) == w.numel() // 2
+
+
+def test_admm_then_hard_prune_then_srste_retrain_keeps_the_kind():
+    """The seed's recipe as a composition: ADMM, hard prune (finalize), release the fixed masks,
+    then SR-STE retrains on the same layers (their marks carry the pattern)."""
+    from nxm_kernels.training import ADMMSparsifier, SRSTESparsifier, geometric_rho
+
+    model = _tiny_model()
+    admm = ADMMSparsifier(model, "8:4x4", rho=1e-2, rho_schedule=geometric_rho(100.0, 40), update_every=4,
+                          include=["2", "4"])
+    _train(model, admm, 40)
+    admm.finalize().remove()
+    srste = SRSTESparsifier(model, "8:4x4")  # the marked layers, no include= needed
+    assert list(srste.targets) == ["2", "4"]
+    _train(model, srste, 20)
+    srste.finalize()
+    for module in srste.targets.values():
+        assert nxm.is_nm_sparse(module.weight.detach(), "8:4x4")
