@@ -268,6 +268,7 @@ at::Tensor decompress_cutlass_cpu(const at::Tensor& values_in, const at::Tensor&
 
 }  // namespace
 
+// The schemas and fake kernels of these ops: nxm_kernels/_ops.py.
 TORCH_LIBRARY_IMPL(nxm, CPU, m) {
   m.impl("nm_mask", &nm_mask_cpu);
   m.impl("project", &project_cpu);

@@ -1,5 +1,5 @@
-"""Loads the optional extension ``nxm_kernels._C`` (the ``torch.ops.nxm`` ops) and checks what it was
-built for; registers the fake (meta) kernels of its ops so that ``torch.compile`` can trace them.
+"""Loads the optional extension ``nxm_kernels._C`` (the C++/CUDA kernels of the ``torch.ops.nxm`` ops,
+whose schemas and fake kernels ``_ops.py`` defines) and checks what it was built for.
 
 The package works without ``_C`` (reference and Triton backends). When ``_C`` is absent or does not
 fit this torch, :func:`unavailable_reason` says why and how to fix it; a broken build (present but
@@ -13,8 +13,7 @@ import warnings
 
 import torch
 
-from . import reference
-from .pattern import Pattern
+from . import _ops  # noqa: F401  (the schemas the kernels of _C implement)
 
 REBUILD = "rebuild it with `pip install --no-build-isolation -e .` (or `make venv`) in the source tree"
 
@@ -71,38 +70,3 @@ def build_info() -> dict | None:
 
 def has_cuda_kernels() -> bool:
     return _C is not None and bool(_C.cuda_version)
-
-
-# ---------------------------------------------------------------- fake kernels
-# torch imports this module for them (the schemas name it with set_python_module).
-
-if _C is not None:
-
-    @torch.library.register_fake("nxm::nm_mask")
-    def _nm_mask_fake(w, n, m, scores):
-        return w.new_empty(w.shape, dtype=torch.bool)
-
-    @torch.library.register_fake("nxm::project")
-    def _project_fake(w, n, m, scores):
-        return w.new_empty(w.shape)
-
-    @torch.library.register_fake("nxm::compress_packed")
-    def _compress_packed_fake(w, n, m, scores):
-        rows, cols = w.shape
-        row_bytes = reference.packed_row_bytes(cols, Pattern(n, m))
-        return w.new_empty(rows, cols // m * n), w.new_empty(rows, row_bytes, dtype=torch.uint8)
-
-    @torch.library.register_fake("nxm::decompress_packed")
-    def _decompress_packed_fake(values, metadata, cols, n, m):
-        return values.new_empty(values.shape[0], cols)
-
-    @torch.library.register_fake("nxm::compress_cutlass")
-    def _compress_cutlass_fake(w, scores):
-        rows, cols = w.shape
-        meta_dtype = reference.cutlass_meta_dtype(w.dtype)
-        cols_per_meta = (2 if w.dtype == torch.float32 else 4) * meta_dtype.itemsize * 2
-        return w.new_empty(rows, cols // 2), w.new_empty(rows, cols // cols_per_meta, dtype=meta_dtype)
-
-    @torch.library.register_fake("nxm::decompress_cutlass")
-    def _decompress_cutlass_fake(values, metadata):
-        return values.new_empty(values.shape[0], values.shape[1] * 2)

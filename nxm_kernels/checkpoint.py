@@ -46,8 +46,10 @@ import torch
 import xxhash
 from torch import nn
 
-from .formats import NMSparseWeight
-from .nn import FLOAT_DTYPES, STORED_LAYOUTS, SparseLinear
+from ._version import __version__
+from .layouts import NMSparseWeight
+from .nn import FLOAT_DTYPES, SparseLinear
+from .nn.policy import stored_layouts
 from .pattern import as_pattern
 
 FORMAT = "nxm-kernels"
@@ -178,7 +180,6 @@ def save(model: nn.Module, path: str | os.PathLike, info: dict | None = None) ->
     """
     from safetensors.torch import save_file
 
-    from . import __version__
 
     layers = {name: _layer_header(m) for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
@@ -305,24 +306,27 @@ def _build_layer(path, name: str, spec, tensors: dict) -> SparseLinear:
         pattern = as_pattern(spec["pattern"])
     except (TypeError, ValueError) as e:
         raise bad(f"pattern: {e}") from None
-    if spec["layout"] not in STORED_LAYOUTS:
-        raise bad(f"layout {spec['layout']!r} is not one a checkpoint stores ({', '.join(STORED_LAYOUTS)})")
+    layout = next((stored for stored in stored_layouts() if stored.name == spec["layout"]), None)
+    if layout is None:  # unknown, or a backend's own form (Layout.stored False)
+        names = ", ".join(stored.name for stored in stored_layouts())
+        raise bad(f"layout {spec['layout']!r} is not one a checkpoint stores ({names})")
     if spec["dtype"] not in _DTYPES:
         raise bad(f"dtype {spec['dtype']!r} is not one SparseLinear holds ({', '.join(_DTYPES)})")
     ints = [spec["in_features"], spec["out_features"]] + (spec["shape"] if isinstance(spec["shape"], list) else [None])
     if len(ints) != 4 or not all(type(i) is int and i > 0 for i in ints) or not isinstance(spec["bias"], bool):
         raise bad("in_features, out_features and shape [rows, cols] must be positive integers, bias a bool")
     prefix = f"{name}." if name else ""
-    needed = ["values", "metadata"] + (["bias"] if spec["bias"] else [])
+    needed = list(layout.tensor_names) + (["bias"] if spec["bias"] else [])
     missing = [prefix + k for k in needed if prefix + k not in tensors]
     if missing:
         raise bad(f"tensor(s) {', '.join(missing)} missing from the file")
-    values, metadata = tensors[prefix + "values"], tensors[prefix + "metadata"]
+    parts = {k: tensors[prefix + k] for k in layout.tensor_names}
+    values = parts["values"]
     dtype = _DTYPES[spec["dtype"]]
     if values.dtype != dtype:
         raise bad(f"values are {values.dtype} but the header says {dtype}")
-    try:  # dtype/pattern/layout fit, values and metadata shapes, every index in range and unrepeated
-        sw = NMSparseWeight(values, metadata, tuple(spec["shape"]), pattern, spec["layout"])
+    try:  # the layout validates: dtype/pattern/shape fit, its tensors' shapes, every index
+        sw = NMSparseWeight(**parts, shape=tuple(spec["shape"]), pattern=pattern, layout=layout)
         return SparseLinear.from_compressed(
             sw, tensors[prefix + "bias"] if spec["bias"] else None, spec["in_features"], spec["out_features"]
         )

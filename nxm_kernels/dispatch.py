@@ -1,5 +1,10 @@
 """Backend dispatch: each backend says why it cannot serve a call; ``auto`` runs the first that can.
 
+Backends register themselves (:func:`register`, at import of their module, with a priority); this
+module imports none of them. Each declares, as data, what it supports per op (:class:`Support`:
+layouts, dtypes, devices, patterns); :meth:`Backend.not_supported_reasons` derives its reasons from
+that table and adds the backend's own (:meth:`Backend.extra_reasons`).
+
 There is no silent fallback: an explicitly requested backend that cannot serve raises with its
 reasons, and when no backend can serve, the error lists every backend with its reasons.
 The default backend is ``auto``, or ``NXM_BACKEND`` when set.
@@ -7,13 +12,12 @@ The default backend is ``auto``, or ``NXM_BACKEND`` when set.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
+from dataclasses import dataclass
 
 import torch
 
-from .formats import NMSparseWeight
+from .layouts import NMSparseWeight, get_layout
 
 OPS = ("nm_mask", "project", "compress", "decompress", "sparse_mm")
 
@@ -22,32 +26,96 @@ class BackendNotSupported(RuntimeError):
     """No backend (or not the requested one) can run this call; the message says why."""
 
 
+def _names(items) -> str:
+    return ", ".join(str(i).removeprefix("torch.") for i in items)
+
+
+@dataclass(frozen=True)
+class Support:
+    """What a backend serves for one op; None: anything (the op surface has checked it)."""
+
+    layouts: tuple[str, ...] | None = None  # layout names (compress: the target; others: the weight's)
+    dtypes: tuple[torch.dtype, ...] | None = None  # of the weight (or x for sparse_mm)
+    devices: tuple[str, ...] | None = None  # device types
+    patterns: tuple[str, ...] | None = None  # "n:m"
+    advice: str = ""  # what to do instead, added after the reasons
+
+    def reasons(self, layout, dtype, device, pattern) -> list[str]:
+        why = []
+        if self.layouts is not None and layout is not None and layout.name not in self.layouts:
+            what = f" ({layout.description})" if layout.description else ""
+            why.append(f"handles layout {' or '.join(repr(n) for n in self.layouts)}, not {layout.name!r}{what}")
+        if self.dtypes is not None and dtype is not None and dtype not in self.dtypes:
+            why.append(f"handles {_names(self.dtypes)}, not {str(dtype).removeprefix('torch.')}")
+        if self.devices is not None and device is not None and device.type not in self.devices:
+            why.append(f"runs on {'/'.join(self.devices)} tensors, not on {device.type}")
+        if self.patterns is not None and pattern is not None and str(pattern) not in self.patterns:
+            why.append(f"handles pattern(s) {_names(self.patterns)}, not {pattern}")
+        return why + [self.advice] if why and self.advice else why
+
+
 class Backend:
-    """Base class. Subclasses implement some of ``OPS`` as methods taking the op's keywords."""
+    """Base class. A subclass declares ``supports`` ({op: Support}) and implements those ops as
+    methods taking the op's keywords; ``ops`` is the table's keys unless given."""
 
     name: str = ""
+    supports: dict[str, Support] = {}
     ops: frozenset = frozenset()
     # Device types where ``auto`` may pick this backend, None for any (an explicit request may
     # go further, e.g. Triton on CPU tensors under TRITON_INTERPRET=1).
     auto_devices: tuple | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "supports" in cls.__dict__ and "ops" not in cls.__dict__:
+            cls.ops = frozenset(cls.supports)
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run at all on this machine (None when it can)."""
         return None
 
     def not_supported_reasons(self, op: str, **inputs) -> list[str]:
-        """Why this backend cannot run ``op`` on these inputs (empty when it can)."""
+        """Why this backend cannot run ``op`` on these inputs (empty when it can): the table's
+        reasons, then the backend's own."""
+        support = self.supports.get(op)
+        why = support.reasons(*call_facts(inputs)) if support is not None else []
+        return why + self.extra_reasons(op, **inputs)
+
+    def extra_reasons(self, op: str, **inputs) -> list[str]:
+        """What the table cannot say (hardware, library versions, sizes)."""
         return []
 
 
-@functools.cache
-def registered_backends() -> tuple[Backend, ...]:
-    """Backends in auto-dispatch priority order (see ``backends/__init__.py``)."""
-    from .backends import BACKEND_MODULES
-
-    return tuple(
-        importlib.import_module(f".backends.{module}", __package__).BACKEND for module in BACKEND_MODULES
+def call_facts(inputs: dict):
+    """(layout, dtype, device, pattern) of a call's inputs, as the Support tables read them."""
+    sw = inputs.get("sw")
+    if isinstance(sw, NMSparseWeight):
+        return sw.layout, sw.dtype, sw.device, sw.pattern
+    w = inputs.get("w")
+    layout = inputs.get("layout")
+    return (
+        get_layout(layout) if layout is not None else None,
+        w.dtype if isinstance(w, torch.Tensor) else None,
+        w.device if isinstance(w, torch.Tensor) else None,
+        inputs.get("pattern"),
     )
+
+
+_REGISTERED: list[tuple[int, int, Backend]] = []
+
+
+def register(backend: Backend, priority: int) -> Backend:
+    """Add ``backend`` to dispatch; ``auto`` tries higher priorities first. Returns it."""
+    if any(b.name == backend.name for _, _, b in _REGISTERED):
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    _REGISTERED.append((-priority, len(_REGISTERED), backend))
+    _REGISTERED.sort(key=lambda entry: entry[:2])
+    return backend
+
+
+def registered_backends() -> tuple[Backend, ...]:
+    """Backends in auto-dispatch priority order."""
+    return tuple(b for _, _, b in _REGISTERED)
 
 
 def get_backend(name: str) -> Backend:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import dispatch, reference
-from .formats import NMSparseWeight, check_layout
+from . import _ops, dispatch, reference  # noqa: F401  (_ops: the schemas of the ops below)
+from .layouts import Layout, NMSparseWeight, get_layout
 from .pattern import Pattern, PatternLike, as_pattern, check_groups
 
 SELECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8)
@@ -89,15 +89,17 @@ def is_nm_sparse(z: torch.Tensor, pattern: PatternLike) -> bool:
 
 
 def compress(
-    w: torch.Tensor, pattern: PatternLike, layout: str = "packed", scores=None, *, backend: str | None = None
+    w: torch.Tensor, pattern: PatternLike, layout: str | Layout = "packed", scores=None, *, backend: str | None = None
 ) -> NMSparseWeight:
-    """Select as :func:`nm_mask` does and keep only the selected values plus their indices."""
+    """Select as :func:`nm_mask` does and keep only the selected values plus their indices, stored
+    as ``layout`` (a name from ``nxm.LAYOUTS``, or a Layout object)."""
     pattern = as_pattern(pattern)
+    layout = get_layout(layout)
     _check_selection_inputs(w, pattern, scores)
     if not isinstance(pattern, Pattern):
-        raise ValueError(f"layout {str(layout)!r} stores row n:m weights, not pattern {pattern}: "
+        raise ValueError(f"layout {layout.name!r} stores row n:m weights, not pattern {pattern}: "
                          "project to the pattern (nxm.project) and keep the dense weight")
-    check_layout(w.dtype, w.shape, pattern, layout)
+    layout.check(w.dtype, w.shape, pattern)
     values, metadata = dispatch.run("compress", backend, w=w, pattern=pattern, layout=layout, scores=scores)
     return NMSparseWeight(values, metadata, tuple(w.shape), pattern, layout, check_metadata=False)
 
@@ -136,8 +138,49 @@ def sparse_mm(x: torch.Tensor, sw: NMSparseWeight, bias=None, *, backend: str | 
     """``x @ decompress(sw).T + bias`` for ``x`` of shape ``[..., in_features]``.
 
     Half types accumulate in fp32 and return the input dtype; int8 x int8 returns int32.
+    Under ``torch.compile`` the call is one opaque op (``torch.ops.nxm.sparse_mm``), which runs
+    this same function at run time: no graph break.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.nxm.sparse_mm(x, sw.values, sw.metadata, bias, list(sw.shape), str(sw.pattern),
+                                       sw.layout.name, backend or "auto")
     _check_sparse_mm(x, sw, bias)
     x2 = x.reshape(-1, sw.in_features)
     y = dispatch.run("sparse_mm", backend, x=x2, sw=sw, bias=bias)
     return y.reshape(*x.shape[:-1], sw.out_features)
+
+
+# ---------------------------------------------------------------- the ops torch.compile sees (schemas: _ops.py)
+
+
+def _weight(values, metadata, shape, pattern: str, layout: str) -> NMSparseWeight:
+    return NMSparseWeight(values, metadata, tuple(shape), pattern, layout, check_metadata=False)
+
+
+@torch.library.register_kernel("nxm::sparse_mm", None)  # every device: dispatch decides
+def _sparse_mm_op(x, values, metadata, bias, shape, pattern, layout, backend):
+    sw = _weight(values, metadata, shape, pattern, layout)
+    return sparse_mm(x, sw, bias, backend=None if backend == "auto" else backend)
+
+
+@torch.library.register_kernel("nxm::sparse_mm_grad_input", None)
+def _sparse_mm_grad_input_op(grad, values, metadata, shape, pattern, layout):
+    """``grad @ W``: the input gradient of ``sparse_mm``, W decompressed on the fly."""
+    w = decompress(_weight(values, metadata, shape, pattern, layout))
+    return (grad.to(torch.float32) @ w.to(torch.float32)).to(grad.dtype)
+
+
+def _sparse_mm_setup_context(ctx, inputs, output):
+    _x, values, metadata, _bias, shape, pattern, layout, _backend = inputs
+    ctx.save_for_backward(values, metadata)
+    ctx.static = (shape, pattern, layout)
+
+
+def _sparse_mm_backward(ctx, grad):
+    values, metadata = ctx.saved_tensors
+    grad_x = torch.ops.nxm.sparse_mm_grad_input(grad, values, metadata, *ctx.static)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("nxm::sparse_mm", _sparse_mm_backward, setup_context=_sparse_mm_setup_context)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import nxm_kernels as nxm
 from nxm_kernels import dispatch
 from nxm_kernels.backends import cusparselt
-from nxm_kernels.formats import NMSparseWeight, check_layout, cusparselt_multiples
+from nxm_kernels.layouts import NMSparseWeight, get_layout
+from nxm_kernels.layouts.cusparselt import multiples as cusparselt_multiples
 
 FP8 = torch.float8_e4m3fn
 needs_ops = pytest.mark.skipif(cusparselt._ops_problem() is not None,
@@ -71,14 +72,18 @@ def test_reference_refuses_cusparselt_weights_with_a_reason():
 
 
 def test_layout_reasons_of_the_backend():
-    reasons = cusparselt.BACKEND.not_supported_reasons
+    def reasons(op, **inputs):  # the table's reasons, then the backend's own
+        return "; ".join(cusparselt.BACKEND.not_supported_reasons(op, **inputs))
+
     packed = nxm.compress(torch.randn(32, 64, dtype=torch.float16), "2:4")
-    assert "layout 'cusparselt'" in reasons("sparse_mm", x=None, sw=packed, bias=None)[0]
-    assert "only into layout 'cusparselt'" in reasons("compress", w=torch.zeros(32, 64), pattern=None,
-                                                      layout="packed", scores=None)[0]
-    assert "TF32" in reasons("decompress", sw=opaque_weight(dtype=torch.float32, pattern="1:2"))[0]
-    assert "out_dtype=torch.bfloat16" in reasons("sparse_mm", x=None, sw=opaque_weight(dtype=FP8), bias=None)[0]
-    assert "on cpu" in reasons("sparse_mm", x=None, sw=opaque_weight(), bias=None)[0]
+    assert "handles layout 'cusparselt', not 'packed'" in reasons("sparse_mm", x=None, sw=packed, bias=None)
+    assert "layout='cusparselt'" in reasons("sparse_mm", x=None, sw=packed, bias=None)  # how to make one
+    assert "handles layout 'cusparselt', not 'packed'" in reasons("compress", w=torch.zeros(32, 64), pattern=None,
+                                                                   layout="packed", scores=None)
+    assert "TF32" in reasons("decompress", sw=opaque_weight(dtype=torch.float32, pattern="1:2"))
+    assert "out_dtype=torch.bfloat16" in reasons("sparse_mm", x=None, sw=opaque_weight(dtype=FP8), bias=None)
+    assert "runs on cuda tensors, not on cpu" in reasons("sparse_mm", x=None, sw=opaque_weight(), bias=None)
+    assert cusparselt.BACKEND.supports["sparse_mm"].layouts == ("cusparselt",)  # declared as data
 
 
 # ------------------------------------------------------------------ GPU, library version, dtype
@@ -135,13 +140,13 @@ def test_default_output_is_the_op_surface_dtype():
 ])
 def test_cusparselt_layout_refuses_what_cusparselt_refuses(dtype, pattern, shape, fragment):
     with pytest.raises(ValueError, match=fragment):
-        check_layout(dtype, shape, nxm.Pattern.parse(pattern), "cusparselt")
+        get_layout("cusparselt").check(dtype, shape, nxm.Pattern.parse(pattern))
 
 
 def test_cusparselt_layout_holds_fp8_which_others_do_not():
-    check_layout(FP8, (32, 32), nxm.Pattern(2, 4), "cusparselt")
+    get_layout("cusparselt").check(FP8, (32, 32), nxm.Pattern(2, 4))
     with pytest.raises(TypeError, match="cannot hold dtype"):
-        check_layout(FP8, (32, 32), nxm.Pattern(2, 4), "packed")
+        get_layout("packed").check(FP8, (32, 32), nxm.Pattern(2, 4))
 
 
 def test_cusparselt_weight_keeps_shape_and_pattern_and_checks_its_buffer():

@@ -13,7 +13,7 @@ from torch.sparse._semi_structured_conversions import sparse_semi_structured_fro
 import nxm_kernels as nxm
 from conftest import CUTLASS_CASES, PATTERNS, VALUE_DTYPES, random_weight
 from nxm_kernels import _extension, dispatch, reference
-from nxm_kernels.formats import cutlass_multiples
+from nxm_kernels.layouts.cutlass import multiples as cutlass_multiples
 from test_reference import HAND_CASES
 
 NATIVE = {"backend": "native"}

@@ -248,10 +248,13 @@ def test_opcheck(layout, bias):
     sparse = SparseLinear.from_dense(nn.Linear(30, 10, bias=bias).half(), "2:4", layout=layout)
     x = torch.randn(3, 30).half().requires_grad_()
     torch.library.opcheck(
-        sparse_linear, (x, sparse.values, sparse.metadata, sparse.bias, 10, "2:4", layout, "auto", None, None, "", [])
+        sparse_linear,
+        (x, sparse.values, sparse.metadata, sparse.bias, list(sparse.padded_shape), 10, "2:4", layout, "auto", None,
+         None, "", []),
     )
     torch.library.opcheck(
-        sparse_linear_grad_input, (torch.randn(3, 10).half(), sparse.values, sparse.metadata, 30, "2:4", layout)
+        sparse_linear_grad_input,
+        (torch.randn(3, 10).half(), sparse.values, sparse.metadata, list(sparse.padded_shape), 30, "2:4", layout),
     )
 
 

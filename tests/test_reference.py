@@ -12,7 +12,7 @@ from torch.sparse._semi_structured_conversions import (
 )
 
 import nxm_kernels as nxm
-from nxm_kernels.formats import cutlass_multiples
+from nxm_kernels.layouts.cutlass import multiples as cutlass_multiples
 from conftest import CUTLASS_CASES, PATTERNS, VALUE_DTYPES, assert_matmul_close, random_weight
 
 REF = {"backend": "reference"}

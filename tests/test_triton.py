@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import nxm_kernels as nxm
 from nxm_kernels import dispatch, reference
+from nxm_kernels.layouts import cutlass
 from nxm_kernels.pattern import Pattern
 
 from conftest import CUTLASS_CASES, PATTERNS, VALUE_DTYPES, assert_matmul_close, random_weight
@@ -63,7 +64,7 @@ def test_cutlass_matches_reference(dtype, pattern, zeros):
     values, metadata = reference.compress(w, p, "cutlass")
     assert same_bits(sw.values, values) and torch.equal(sw.metadata, metadata)
     dense = nxm.decompress(sw, backend="triton")
-    assert same_bits(dense, reference.decompress_cutlass(values, metadata, w.shape))
+    assert same_bits(dense, cutlass.decompress(values, metadata, w.shape))
     assert torch.equal(dense, reference.project(w, p))  # a kept -0 the layout cannot name reads +0
 
 
@@ -107,7 +108,7 @@ def test_roundtrip_property(pattern, dtype, rows, groups, seed):
     p = Pattern.parse(pattern)
     w = tied_weight((rows, groups * p.m), dtype, seed)
     sw = nxm.compress(w, p, backend="triton")
-    nxm.formats.NMSparseWeight(sw.values, sw.metadata, sw.shape, p, "packed")  # valid metadata
+    nxm.NMSparseWeight(sw.values, sw.metadata, sw.shape, p, "packed")  # valid metadata
     assert torch.equal(sw.metadata, reference.compress(w, p, "packed")[1])
     assert same_bits(nxm.decompress(sw, backend="triton"), reference.project(w, p))
 
@@ -192,19 +193,22 @@ def test_cpu_outside_interpreter_is_a_clear_error():
 
 
 def test_opcheck_custom_ops():
+    """The same cases as the C++ ops (tests/test_ops.py checks every op of both namespaces)."""
     gen = torch.Generator().manual_seed(11)
     w = random_weight((32, 32), torch.float16, gen)
     x = random_weight((3, 32), torch.float16, gen)
     bias = random_weight((32,), torch.float16, gen)
     ops = torch.ops.nxm_triton
-    values, metadata = ops.compress(w, None, 2, 4, "packed")
+    values, metadata = ops.compress_packed(w, 2, 4, None)
+    cvalues, cmetadata = ops.compress_cutlass(w, None)
     cases = [
-        (ops.nm_mask, (w, None, 2, 4)),
-        (ops.project, (w, None, 2, 4)),
-        (ops.compress, (w, None, 2, 4, "packed")),
-        (ops.compress, (w, None, 2, 4, "cutlass")),
-        (ops.decompress, (values, metadata, 2, 4, "packed", 32)),
-        (ops.sparse_mm, (x, values, metadata, bias, 2, 4)),
+        (ops.nm_mask, (w, 2, 4, None)),
+        (ops.project, (w, 2, 4, None)),
+        (ops.compress_packed, (w, 2, 4, None)),
+        (ops.compress_cutlass, (w, None)),
+        (ops.decompress_packed, (values, metadata, 32, 2, 4)),
+        (ops.decompress_cutlass, (cvalues, cmetadata)),
+        (ops.sparse_mm_packed, (x, values, metadata, bias, 2, 4)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -216,7 +220,7 @@ def test_sparse_mm_op_traces_under_torch_compile():
     w = random_weight((32, 64), torch.float16, gen)
     sw = nxm.compress(w, "2:4", backend="triton")
     compiled = torch.compile(
-        lambda x: torch.ops.nxm_triton.sparse_mm(x, sw.values, sw.metadata, None, 2, 4),
+        lambda x: torch.ops.nxm_triton.sparse_mm_packed(x, sw.values, sw.metadata, None, 2, 4),
         backend="aot_eager", fullgraph=True, dynamic=True,
     )
     for m_rows in (3, 5):

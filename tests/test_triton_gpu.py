@@ -58,7 +58,7 @@ def test_sparse_mm_under_torch_compile():
     w = torch.randn(256, 512, device="cuda", dtype=torch.float16)
     x = torch.randn(8, 512, device="cuda", dtype=torch.float16)
     sw = nxm.compress(w, p, backend="triton")
-    compiled = torch.compile(lambda x: torch.ops.nxm_triton.sparse_mm(x, sw.values, sw.metadata, None, 2, 4),
+    compiled = torch.compile(lambda x: torch.ops.nxm_triton.sparse_mm_packed(x, sw.values, sw.metadata, None, 2, 4),
                              fullgraph=True)
     assert_matmul_close(compiled(x), x, reference.project(w, p))
 

@@ -147,6 +147,7 @@ at::Tensor decompress_cutlass_cuda(const at::Tensor& values_in, const at::Tensor
 
 }  // namespace
 
+// The schemas and fake kernels of these ops: nxm_kernels/_ops.py.
 TORCH_LIBRARY_IMPL(nxm, CUDA, m) {
   m.impl("nm_mask", &nm_mask_cuda);
   m.impl("project", &project_cuda);

@@ -366,17 +366,11 @@ int64_t max_algorithm_id(const at::Tensor& x, const at::Tensor& packed, int64_t 
 
 }  // namespace nxm_cusparselt
 
+// The schemas and fake kernels: nxm_kernels/_ops.py. The ops without tensor arguments get a catch-all kernel.
 TORCH_LIBRARY_FRAGMENT(nxm, m) {
-  m.def("cusparselt_version() -> int", &nxm_cusparselt::version);
-  m.def("cusparselt_plan_cache_size() -> int", &nxm_cusparselt::plan_cache_size);
-  m.def("cusparselt_release() -> ()", &nxm_cusparselt::release);
-  m.def("cusparselt_compress(Tensor dense) -> Tensor");
-  m.def(
-      "cusparselt_mm(Tensor x, Tensor packed, int out_features, Tensor? bias, Tensor? alpha, ScalarType? out_dtype, "
-      "bool transpose_output, int alg_id, int split_k) -> Tensor");
-  m.def(
-      "cusparselt_max_algorithm_id(Tensor x, Tensor packed, int out_features, Tensor? bias, Tensor? alpha, "
-      "ScalarType? out_dtype, bool transpose_output) -> int");
+  m.impl("cusparselt_version", &nxm_cusparselt::version);
+  m.impl("cusparselt_plan_cache_size", &nxm_cusparselt::plan_cache_size);
+  m.impl("cusparselt_release", &nxm_cusparselt::release);
 }
 
 TORCH_LIBRARY_IMPL(nxm, CUDA, m) {

@@ -1,4 +1,4 @@
-"""One module per backend, each defining ``BACKEND``. Auto dispatch tries them in this order
-(cusparselt, native, triton, reference: fastest first, the reference last)."""
+"""One module per backend; each registers its ``BACKEND`` into ``dispatch`` when imported, with a
+priority. Auto dispatch tries the fastest first: cusparselt, native, triton, then the reference."""
 
-BACKEND_MODULES = ("cusparselt", "native", "triton", "reference")
+from . import cusparselt, native, reference, triton  # noqa: F401  (each registers itself)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..reference import packed_row_bytes
+from ..layouts import CUTLASS, PACKED
+from ..layouts.cutlass import PATTERN as CUTLASS_PATTERN
 from ..pattern import Pattern
 
 THREADS = 256  # kThreads in nm_kernels.cu
@@ -126,8 +127,7 @@ def compress_packed(w: torch.Tensor, pattern: Pattern, scores):
     score_dtype, s = _scores(scores)
     rows, cols = w.shape
     n, m, bits = pattern.n, pattern.m, pattern.index_bits
-    values = torch.empty(rows, cols // m * n, dtype=w.dtype, device=w.device)
-    metadata = torch.empty(rows, packed_row_bytes(cols, pattern), dtype=torch.uint8, device=w.device)
+    values, metadata = _outputs(PACKED, w, pattern)
     chunk = _chunk_groups(n, bits)
     units_per_row = -(-(cols // m) // chunk)
     blocks, rows_per_block = _row_tiles(rows, units_per_row)
@@ -153,8 +153,16 @@ def decompress_packed(values: torch.Tensor, metadata: torch.Tensor, shape, patte
     return dense
 
 
+def _outputs(layout, w: torch.Tensor, pattern: Pattern):
+    """Empty (values, metadata) of ``w`` in ``layout`` (the layout's storage)."""
+    specs = layout.storage(w.dtype, tuple(w.shape), pattern)
+    return tuple(torch.empty(specs[k].shape, dtype=specs[k].dtype, device=w.device) for k in ("values", "metadata"))
+
+
 def _cutlass_cols_per_element(dtype: torch.dtype) -> int:
-    return 32 if dtype == torch.int8 else 8 if dtype == torch.float32 else 16
+    """Weight columns per cutlass metadata element."""
+    cols = 1024  # any multiple of every dtype's column multiple
+    return cols // CUTLASS.storage(dtype, (1, cols), CUTLASS_PATTERN[dtype])["metadata"].shape[1]
 
 
 def compress_cutlass(w: torch.Tensor, scores):
@@ -164,9 +172,7 @@ def compress_cutlass(w: torch.Tensor, scores):
     score_dtype, s = _scores(scores)
     rows, cols = w.shape
     per_element = _cutlass_cols_per_element(w.dtype)
-    values = torch.empty(rows, cols // 2, dtype=w.dtype, device=w.device)
-    meta_dtype = torch.int32 if w.dtype == torch.int8 else torch.int16
-    metadata = torch.empty(rows, cols // per_element, dtype=meta_dtype, device=w.device)
+    values, metadata = _outputs(CUTLASS, w, CUTLASS_PATTERN[w.dtype])
     blocks, rows_per_block = _row_tiles(rows, cols // per_element)
     _launch(f"nxm::compress_cutlass_kernel<{BITS[w.dtype]}, {SCORES[score_dtype]}>", blocks, w.device, w,
             s if s is not None else np.uint64(0), np.int64(rows), np.int64(cols), np.int64(rows_per_block), values,

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .. import _extension
-from ..dispatch import Backend, BackendNotSupported
-from ..formats import CUSPARSELT_PATTERN, NMSparseWeight, check_layout, cusparselt_multiples
+from .. import _extension, dispatch
+from ..dispatch import Backend, BackendNotSupported, Support
+from ..layouts import CUSPARSELT, NMSparseWeight
+from ..layouts.cusparselt import PATTERN as CUSPARSELT_PATTERN
+from ..layouts.cusparselt import multiples as cusparselt_multiples
 from ..pattern import PatternLike, as_pattern
 
 FP8 = torch.float8_e4m3fn
@@ -133,22 +135,7 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def _register_fakes() -> None:
-    """Shapes for torch.compile and FakeTensor; the kernels are in csrc/cuda/cusparselt.cpp."""
-
-    @torch.library.register_fake("nxm::cusparselt_compress")
-    def _(dense):
-        return dense.new_empty(torch.library.get_ctx().new_dynamic_size())
-
-    @torch.library.register_fake("nxm::cusparselt_mm")
-    def _(x, packed, out_features, bias, alpha, out_dtype, transpose_output, alg_id, split_k):
-        out_dtype = out_dtype or (torch.int32 if x.dtype == torch.int8 else x.dtype)
-        shape = (out_features, x.shape[0]) if transpose_output else (x.shape[0], out_features)
-        return x.new_empty(shape, dtype=out_dtype)
-
-
 if _ops_problem() is None:
-    _register_fakes()
     # Plans and handles go while CUDA is still up (not in C++ static destructors, which may run after).
     atexit.register(torch.ops.nxm.cusparselt_release)
 
@@ -224,6 +211,50 @@ class _Tuned:
 _TUNED = _Tuned()
 
 
+# Algorithm ids that computed wrong results on a GPU and cuSPARSELt version (some do: pytorch#155333),
+# found by `nxm gpu-check`, which writes this file. tune() never times them and no call runs them.
+def exclusions_path() -> Path:
+    return default_tuning_path().with_name("cusparselt_excluded.json")
+
+
+def exclusion_key(gpu: str, version: int, dtype: torch.dtype) -> str:
+    return f"{gpu}|cusparselt {version_text(version)}|{str(dtype).removeprefix('torch.')}"
+
+
+def read_exclusions(path: Path) -> dict[str, frozenset[int]]:
+    """{exclusion key: excluded algorithm ids} from ``{key: {"alg_ids": [...], ...}}`` ({} without a file)."""
+    if not path.exists():
+        return {}
+    try:
+        return {key: frozenset(int(i) for i in entry["alg_ids"]) for key, entry in json.loads(path.read_text()).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"cannot read the cuSPARSELt exclusion file {path} ({error}): run nxm gpu-check again")
+
+
+class _Excluded:
+    """The exclusion file, read once, at the first call."""
+
+    def __init__(self):
+        self.ids: dict[str, frozenset[int]] | None = None
+
+    def ids_for(self, device: torch.device, dtype: torch.dtype) -> frozenset[int]:
+        if self.ids is None:
+            self.ids = read_exclusions(exclusions_path())  # unreadable: raise, never run a suspect algorithm
+        if not self.ids:
+            return frozenset()
+        return self.ids.get(exclusion_key(_device_name(_device_index(device)), library_version(), dtype), frozenset())
+
+    def usable(self, config: tuple[int, int], device: torch.device, dtype: torch.dtype) -> tuple[int, int]:
+        """``config``, or the lowest id that is not excluded (heuristic split-k) when its id is."""
+        excluded = self.ids_for(device, dtype)
+        if config[0] not in excluded:
+            return config
+        return next(i for i in range(len(excluded) + 1) if i not in excluded), 0
+
+
+_EXCLUDED = _Excluded()
+
+
 # ------------------------------------------------------------------ the kernels
 
 def _device_index(device: torch.device) -> int:
@@ -249,6 +280,7 @@ def _run(x2: torch.Tensor, sw: NMSparseWeight, bias, alpha, out_dtype, config=No
         key = tuning_key(_device_name(_device_index(x2.device)), library_version(), m, sw.out_features,
                          sw.in_features, x2.dtype, out_dtype, bias is not None, alpha is not None)
         config = _TUNED.lookup(key)
+    config = _EXCLUDED.usable(config, x2.device, x2.dtype)
     if bias is not None:
         bias = _aligned(bias.to(kernel_bias_dtype(out_dtype)))
     y = torch.ops.nxm.cusparselt_mm(_aligned(x_kernel), sw.values, sw.out_features, bias,
@@ -267,7 +299,7 @@ def _require(device: torch.device, dtype: torch.dtype, what: str) -> None:
 
 def _check_extras(x, sw, bias, alpha, out_dtype) -> torch.dtype:
     """Checks of :func:`matmul`'s inputs beyond the op surface's; returns the output dtype."""
-    if not isinstance(sw, NMSparseWeight) or sw.layout != "cusparselt":
+    if not isinstance(sw, NMSparseWeight) or sw.layout is not CUSPARSELT:
         raise TypeError("matmul takes a cusparselt-layout NMSparseWeight (nxm.compress(w, '2:4', layout='cusparselt'))")
     if not isinstance(x, torch.Tensor) or x.dtype != sw.dtype or x.device != sw.device or x.shape[-1] != sw.in_features:
         got = f"{x.dtype} {list(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
@@ -310,14 +342,14 @@ def compress_pruned(w: torch.Tensor, pattern: PatternLike = "2:4") -> NMSparseWe
     ``nxm.project`` in a wider dtype, then cast). Nothing is selected here; a weight with too many
     nonzeros in a group is refused."""
     pattern = as_pattern(pattern)
-    check_layout(w.dtype, w.shape, pattern, "cusparselt")
+    CUSPARSELT.check(w.dtype, w.shape, pattern)
     nonzero = (w.view(torch.uint8) & 0x7F) != 0 if w.dtype == FP8 else w != 0
     if bool((nonzero.reshape(-1, pattern.m).sum(-1) > pattern.n).any()):
         raise ValueError(f"w is not {pattern} sparse: project it first (nxm.project(w, '{pattern}') in a wider dtype)")
     _require(w.device, w.dtype, "compress")
     values = torch.ops.nxm.cusparselt_compress(_aligned(w))
     return NMSparseWeight(values, torch.empty(0, dtype=torch.uint8, device=w.device), tuple(w.shape), pattern,
-                          "cusparselt", check_metadata=False)
+                          CUSPARSELT, check_metadata=False)
 
 
 def _time_us(fn, iterations: int) -> float:
@@ -340,7 +372,7 @@ def tune(sw: NMSparseWeight, tokens=(1, 16, 64, 256, 1024, 4096), *, bias: bool 
 
     Returns {M: {"alg_id", "split_k", "us", "default_us"}}.
     """
-    if not isinstance(sw, NMSparseWeight) or sw.layout != "cusparselt":
+    if not isinstance(sw, NMSparseWeight) or sw.layout is not CUSPARSELT:
         raise TypeError("tune takes a cusparselt-layout NMSparseWeight (nxm.compress(w, '2:4', layout='cusparselt'))")
     _require(sw.device, sw.dtype, "tune")
     why = dtype_reasons(sw.dtype, out_dtype)
@@ -363,7 +395,8 @@ def tune(sw: NMSparseWeight, tokens=(1, 16, 64, 256, 1024, 4096), *, bias: bool 
             x_kernel, sw.values, sw.out_features, None if bias_t is None else bias_t.to(kernel_bias_dtype(out_dtype)),
             alpha_t, out_dtype, transposed_output(sw.dtype)))
         timings = {}
-        for alg_id in range(max_id + 1):
+        excluded = _EXCLUDED.ids_for(device, sw.dtype)
+        for alg_id in (i for i in range(max_id + 1) if i not in excluded):
             for split_k in TUNE_SPLIT_K:
                 config = (alg_id, split_k)
                 try:
@@ -387,7 +420,12 @@ def tune(sw: NMSparseWeight, tokens=(1, 16, 64, 256, 1024, 4096), *, bias: bool 
 
 class CusparseltBackend(Backend):
     name = "cusparselt"
-    ops = frozenset({"compress", "decompress", "sparse_mm"})
+    _make = "make one with nxm.compress(dense, '2:4', layout='cusparselt') ('1:2' for float32)"
+    supports = {
+        "compress": Support(layouts=(CUSPARSELT.name,), dtypes=INPUT_DTYPES, devices=("cuda",)),
+        "decompress": Support(layouts=(CUSPARSELT.name,), devices=("cuda",), advice=_make),
+        "sparse_mm": Support(layouts=(CUSPARSELT.name,), devices=("cuda",), advice=_make),
+    }
     auto_devices = ("cuda",)
 
     def unavailable_reason(self) -> str | None:
@@ -404,28 +442,24 @@ class CusparseltBackend(Backend):
             return [f"the tensors are on {device}: cuSPARSELt runs on CUDA tensors (move them with .cuda())"]
         return device_reasons(_capability(_device_index(device)), library_version(), dtype)
 
-    def not_supported_reasons(self, op: str, **inputs) -> list[str]:
-        if op == "compress":
-            w, layout = inputs["w"], inputs["layout"]
-            if layout != "cusparselt":
-                return [f"compresses only into layout 'cusparselt', not {layout!r}"]
-            return dtype_reasons(w.dtype, None) or self.device_problems(w.device, w.dtype)
-        sw = inputs["sw"]
-        if sw.layout != "cusparselt":
-            return [f"reads only layout 'cusparselt' weights, this one is {sw.layout!r} (make one with "
-                    f"nxm.compress(dense, '{CUSPARSELT_PATTERN.get(sw.dtype, '2:4')}', layout='cusparselt'))"]
+    def extra_reasons(self, op: str, **inputs) -> list[str]:
+        sw = inputs.get("sw")
+        why = []
         if op == "decompress" and sw.dtype == torch.float32:
-            return ["cuSPARSELt multiplies float32 as TF32, so an fp32 cusparselt weight cannot be read back "
-                    "exactly: keep its dense or packed form to convert it"]
+            why.append("cuSPARSELt multiplies float32 as TF32, so an fp32 cusparselt weight cannot be read back "
+                       "exactly: keep its dense or packed form to convert it")
         if op == "sparse_mm" and sw.dtype == FP8:
-            return ["float8 products need a wider output: use nxm_kernels.backends.cusparselt.matmul(x, sw, "
-                    "out_dtype=torch.bfloat16, alpha=scales)"]
-        return self.device_problems(sw.device, sw.dtype)
+            why.append("float8 products need a wider output: use nxm_kernels.backends.cusparselt.matmul(x, sw, "
+                       "out_dtype=torch.bfloat16, alpha=scales)")
+        subject = inputs["w"] if op == "compress" else sw
+        if subject.device.type == "cuda":  # (other devices: the table's reason)
+            why += self.device_problems(subject.device, subject.dtype)
+        return why
 
     def compress(self, w, pattern, layout, scores):
-        from .. import ops  # selection runs on the fastest backend that implements it
-
-        values = torch.ops.nxm.cusparselt_compress(_aligned(ops.project(w, pattern, scores)))
+        # Selection runs on the fastest backend that implements it (the op surface checked the inputs).
+        projected = dispatch.run("project", None, w=w, pattern=pattern, scores=scores)
+        values = torch.ops.nxm.cusparselt_compress(_aligned(projected))
         return values, torch.empty(0, dtype=torch.uint8, device=w.device)
 
     def decompress(self, sw):
@@ -445,4 +479,4 @@ class CusparseltBackend(Backend):
         return _run(x, sw, bias, None, OUTPUT_DTYPES[sw.dtype][0])
 
 
-BACKEND = CusparseltBackend()
+BACKEND = dispatch.register(CusparseltBackend(), priority=30)

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import torch
 
-from .. import _extension
-from ..dispatch import Backend
-from ..formats import NMSparseWeight
+from .. import _extension, _ops, dispatch
+from ..dispatch import Backend, Support, call_facts
 from . import _native_cupy
+
+DEVICES = ("cpu", "cuda")
+# {layout name: (compress(w, pattern, scores), decompress(values, metadata, shape, pattern))}
+KERNELS = _ops.layout_kernels("nxm")
+CUPY_KERNELS = {
+    "packed": (_native_cupy.compress_packed,
+               lambda values, metadata, shape, pattern: _native_cupy.decompress_packed(values, metadata, shape, pattern)),
+    "cutlass": (lambda w, pattern, scores: _native_cupy.compress_cutlass(w, scores),
+                lambda values, metadata, shape, pattern: _native_cupy.decompress_cutlass(values, metadata)),
+}
 
 
 def _selection_scores(scores):
@@ -25,21 +34,28 @@ def _selection_scores(scores):
 
 class NativeBackend(Backend):
     name = "native"
-    ops = frozenset({"nm_mask", "project", "compress", "decompress"})
-    auto_devices = ("cpu", "cuda")
+    supports = {
+        "nm_mask": Support(devices=DEVICES),
+        "project": Support(devices=DEVICES),
+        "compress": Support(layouts=tuple(KERNELS), devices=DEVICES),
+        "decompress": Support(layouts=tuple(KERNELS), devices=DEVICES),
+        # csrc/cpu_gemm*.cpp: SIMD kernels (AVX-512, AVX2) for 2:4, a portable one for every n:m
+        "sparse_mm": Support(
+            layouts=("packed",), dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
+            advice="the native GEMM reads layout 'packed' on CPU and multiplies float types: use another backend "
+                   "for the rest",
+        ),
+    }
+    auto_devices = DEVICES
 
     def unavailable_reason(self) -> str | None:
         built = _extension.unavailable_reason()
         if built is None or _native_cupy.unavailable_reason() is None:
-            return None  # (CuPy alone: CUDA tensors only, which not_supported_reasons says)
+            return None  # (CuPy alone: CUDA tensors only, which extra_reasons says)
         return f"{built}; for CUDA tensors {_native_cupy.unavailable_reason()}"
 
-    def not_supported_reasons(self, op: str, **inputs) -> list[str]:
-        sw = inputs.get("sw")
-        if inputs.get("layout") == "cusparselt" or (sw is not None and sw.layout == "cusparselt"):
-            return ["handles the packed and cutlass layouts, not cuSPARSELt's opaque buffer"]
-        subject = inputs.get("w", sw)
-        device = subject.device if isinstance(subject, (torch.Tensor, NMSparseWeight)) else None
+    def extra_reasons(self, op: str, **inputs) -> list[str]:
+        device = call_facts(inputs)[2]
         if device is None:
             return []
         if device.type == "cpu" and _extension.unavailable_reason():
@@ -49,8 +65,6 @@ class NativeBackend(Backend):
                 "nxm_kernels._C has no CUDA kernels (built without nvcc or with NXM_SKIP_CUDA_BUILD=1, or not "
                 f"built) and {_native_cupy.unavailable_reason()}: rebuild with CUDA_HOME set, or install CuPy"
             ]
-        if device.type not in ("cpu", "cuda"):
-            return [f"runs on CPU and CUDA tensors, not on {device.type}"]
         return []
 
     def nm_mask(self, w, pattern, scores):
@@ -64,23 +78,15 @@ class NativeBackend(Backend):
         return torch.ops.nxm.project(w, pattern.n, pattern.m, _selection_scores(scores))
 
     def compress(self, w, pattern, layout, scores):
-        scores = _selection_scores(scores)
-        if layout == "packed":
-            if _through_cupy(w):
-                return _native_cupy.compress_packed(w, pattern, scores)
-            return torch.ops.nxm.compress_packed(w, pattern.n, pattern.m, scores)
-        if _through_cupy(w):
-            return _native_cupy.compress_cutlass(w, scores)
-        return torch.ops.nxm.compress_cutlass(w, scores)
+        compress, _ = (CUPY_KERNELS if _through_cupy(w) else KERNELS)[layout.name]
+        return compress(w, pattern, _selection_scores(scores))
 
     def decompress(self, sw):
-        if sw.layout == "packed":
-            if _through_cupy(sw.values):
-                return _native_cupy.decompress_packed(sw.values, sw.metadata, sw.shape, sw.pattern)
-            return torch.ops.nxm.decompress_packed(sw.values, sw.metadata, sw.shape[1], sw.pattern.n, sw.pattern.m)
-        if _through_cupy(sw.values):
-            return _native_cupy.decompress_cutlass(sw.values, sw.metadata)
-        return torch.ops.nxm.decompress_cutlass(sw.values, sw.metadata)
+        _, decompress = (CUPY_KERNELS if _through_cupy(sw.values) else KERNELS)[sw.layout.name]
+        return decompress(sw.values, sw.metadata, sw.shape, sw.pattern)
+
+    def sparse_mm(self, x, sw, bias):
+        return torch.ops.nxm.sparse_mm_packed(x, sw.values, sw.metadata, bias, sw.pattern.n, sw.pattern.m)
 
 
 def _through_cupy(t: torch.Tensor) -> bool:
@@ -88,4 +94,4 @@ def _through_cupy(t: torch.Tensor) -> bool:
     return t.is_cuda and not _extension.has_cuda_kernels()
 
 
-BACKEND = NativeBackend()
+BACKEND = dispatch.register(NativeBackend(), priority=20)

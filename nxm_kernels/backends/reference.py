@@ -1,21 +1,19 @@
-"""The pure-torch reference as a backend: every op, any device, never the fastest."""
+"""The pure-torch reference as a backend: every op, any device, any layout with a reference
+compress/decompress (the layout object's own), never the fastest."""
 
 from __future__ import annotations
 
-from .. import reference
-from ..dispatch import OPS, Backend
+from .. import dispatch, reference
+from ..dispatch import Backend, Support, call_facts
 
 
 class ReferenceBackend(Backend):
     name = "reference"
-    ops = frozenset(OPS)
+    supports = {op: Support() for op in dispatch.OPS}
 
-    def not_supported_reasons(self, op, **inputs):
-        sw = inputs.get("sw")
-        if (sw is not None and sw.layout == "cusparselt") or inputs.get("layout") == "cusparselt":
-            return ["the cusparselt layout is cuSPARSELt's opaque buffer, which only cuSPARSELt writes and "
-                    "reads: use backend='cusparselt' on a GPU, or layout 'packed'/'cutlass'"]
-        return []
+    def extra_reasons(self, op, **inputs):
+        layout = call_facts(inputs)[0]
+        return layout.reference_reasons() if layout is not None else []
 
     def nm_mask(self, w, pattern, scores):
         return reference.nm_mask(w, pattern, scores)
@@ -33,4 +31,4 @@ class ReferenceBackend(Backend):
         return reference.sparse_mm(x, sw, bias)
 
 
-BACKEND = ReferenceBackend()
+BACKEND = dispatch.register(ReferenceBackend(), priority=0)

@@ -1,48 +1,39 @@
-"""The forward of ``SparseLinear`` as custom ops with fake kernels and an autograd formula.
+"""The forward of ``SparseLinear`` as custom ops with an autograd formula.
 
 torch.compile sees opaque ops instead of tracing into dispatch (which imports modules and reads
-the environment); eager calls run the same code.
+the environment); eager calls run the same code. The schemas and fake kernels of
+``torch.ops.nxm.sparse_linear`` and ``sparse_linear_grad_input`` are in ``nxm_kernels/_ops.py``;
+their implementations (every device: dispatch decides) and the autograd formula are here.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from ..formats import NMSparseWeight
+from .. import _ops, ops  # noqa: F401  (_ops: the schemas)
+from ..layouts import NMSparseWeight
 from ..pattern import as_pattern
 from .policy import _backend_arg, _sparse_weight
 
-@torch.library.custom_op("nxm::sparse_linear", mutates_args=())
-def sparse_linear(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    metadata: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    out_features: int,
-    pattern: str,
-    layout: str,
-    backend: str,
-    run_values: Optional[torch.Tensor],
-    run_metadata: Optional[torch.Tensor],
-    run_layout: str,
-    run_shape: list[int],
-) -> torch.Tensor:
-    """``x @ W.T + bias`` for the N:M weight W stored padded in ``values``/``metadata``: pads
-    ``x`` (zeros) and ``bias`` to the weight's shape and crops the output to ``out_features``.
+sparse_linear = torch.ops.nxm.sparse_linear
+sparse_linear_grad_input = torch.ops.nxm.sparse_linear_grad_input
+
+
+@torch.library.register_kernel("nxm::sparse_linear", None)
+def _sparse_linear(x, values, metadata, bias, shape, out_features, pattern, layout, backend, run_values, run_metadata,
+                   run_layout, run_shape):
+    """``x @ W.T + bias`` for the N:M weight W of ``shape`` stored padded in ``values``/``metadata``:
+    pads ``x`` (zeros) and ``bias`` to the weight's shape and crops the output to ``out_features``.
 
     ``run_*``: a backend-specific form of the same weight (e.g. cuSPARSELt's buffer) to multiply
     with instead, when given; the stored form still serves the backward.
     """
     if run_values is not None:
-        sw = NMSparseWeight(
-            run_values, run_metadata, tuple(run_shape), as_pattern(pattern), run_layout, check_metadata=False
-        )
+        sw = NMSparseWeight(run_values, run_metadata, tuple(run_shape), as_pattern(pattern), run_layout,
+                            check_metadata=False)
     else:
-        sw = _sparse_weight(values, metadata, as_pattern(pattern), layout)
+        sw = _sparse_weight(values, metadata, shape, as_pattern(pattern), layout)
     in_features = x.shape[-1]
     if in_features < sw.in_features:
         x = F.pad(x, (0, sw.in_features - in_features))
@@ -52,39 +43,24 @@ def sparse_linear(
     return y[..., :out_features].contiguous() if out_features < sw.out_features else y
 
 
-@sparse_linear.register_fake
-def _(
-    x, values, metadata, bias, out_features, pattern, layout, backend, run_values, run_metadata, run_layout, run_shape
-):
-    dtype = torch.int32 if x.dtype == torch.int8 else x.dtype
-    return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
-
-
-@torch.library.custom_op("nxm::sparse_linear_grad_input", mutates_args=())
-def sparse_linear_grad_input(
-    grad: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, in_features: int, pattern: str, layout: str
-) -> torch.Tensor:
+@torch.library.register_kernel("nxm::sparse_linear_grad_input", None)
+def _sparse_linear_grad_input(grad, values, metadata, shape, in_features, pattern, layout):
     """``grad @ W`` (the input gradient of ``sparse_linear``), W decompressed on the fly."""
-    sw = _sparse_weight(values, metadata, as_pattern(pattern), layout)
+    sw = _sparse_weight(values, metadata, shape, as_pattern(pattern), layout)
     w = ops.decompress(sw)[: grad.shape[-1], :in_features]
     return (grad.to(torch.float32) @ w.to(torch.float32)).to(grad.dtype)
 
 
-@sparse_linear_grad_input.register_fake
-def _(grad, values, metadata, in_features, pattern, layout):
-    return grad.new_empty((*grad.shape[:-1], in_features))
-
-
 def _setup_context(ctx, inputs, output):
-    x, values, metadata, _bias, _out_features, pattern, layout = inputs[:7]
+    x, values, metadata, _bias, shape, _out_features, pattern, layout = inputs[:8]
     ctx.save_for_backward(values, metadata)
-    ctx.in_features, ctx.pattern, ctx.layout = x.shape[-1], pattern, layout
+    ctx.in_features, ctx.shape, ctx.pattern, ctx.layout = x.shape[-1], shape, pattern, layout
 
 
 def _backward(ctx, grad):
     values, metadata = ctx.saved_tensors
-    grad_x = sparse_linear_grad_input(grad, values, metadata, ctx.in_features, ctx.pattern, ctx.layout)
-    return (grad_x,) + (None,) * 11
+    grad_x = sparse_linear_grad_input(grad, values, metadata, ctx.shape, ctx.in_features, ctx.pattern, ctx.layout)
+    return (grad_x,) + (None,) * 12
 
 
-sparse_linear.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("nxm::sparse_linear", _backward, setup_context=_setup_context)

@@ -13,19 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import dispatch, ops
-from ..formats import NMSparseWeight, check_layout
+from ..layouts import NMSparseWeight
 from ..pattern import PatternLike, as_pattern
 from .autograd import sparse_linear
 from .policy import (
-    DERIVED_LAYOUTS,
-    STORED_LAYOUTS,
     _backend_arg,
     _check_float,
+    _check_stored,
     _checked_mask,
     _compress_layer,
     _pad,
     _sparse_weight,
-    padded_shape,
+    derived_layouts,
 )
 
 class SparseLinear(nn.Module):
@@ -72,13 +71,10 @@ class SparseLinear(nn.Module):
     def _init(self, sw: NMSparseWeight, bias, in_features: int, out_features: int, backend: str) -> None:
         if backend != "auto":
             dispatch.get_backend(backend)  # an unknown name fails here, not at the first forward
-        if sw.layout not in STORED_LAYOUTS:
-            raise ValueError(
-                f"SparseLinear stores layout 'packed' or 'cutlass', not {sw.layout!r}; "
-                "backend-specific forms are made from these on the device"
-            )
+        _check_stored(sw.layout)
         self.in_features, self.out_features = in_features, out_features
-        self.pattern, self.layout, self.backend = sw.pattern, sw.layout, backend
+        self.pattern, self._layout, self.backend = sw.pattern, sw.layout, backend
+        self._shape = sw.shape
         self.register_buffer("values", sw.values)
         self.register_buffer("metadata", sw.metadata)
         self.register_buffer("bias", bias)
@@ -100,7 +96,7 @@ class SparseLinear(nn.Module):
         _check_float(sw.dtype)
         out_features = sw.out_features if out_features is None else out_features
         in_features = sw.in_features if in_features is None else in_features
-        want = padded_shape(out_features, in_features, sw.pattern, sw.layout, sw.dtype)
+        want = sw.layout.padded_shape(out_features, in_features, sw.pattern, sw.dtype)
         if sw.shape != want:
             raise ValueError(
                 f"a {out_features}x{in_features} {sw.pattern} {sw.layout} {sw.dtype} layer is stored as "
@@ -152,13 +148,18 @@ class SparseLinear(nn.Module):
         return cls.from_compressed(sw, bias, linear.in_features, linear.out_features, backend)
 
     @property
+    def layout(self) -> str:
+        """The name of the stored layout (the Layout object: ``weight_sparse.layout``)."""
+        return self._layout.name
+
+    @property
     def weight_sparse(self) -> NMSparseWeight:
         """The stored (padded) compressed weight."""
-        return _sparse_weight(self.values, self.metadata, self.pattern, self.layout)
+        return _sparse_weight(self.values, self.metadata, self._shape, self.pattern, self._layout)
 
     @property
     def padded_shape(self) -> tuple[int, int]:
-        return self.weight_sparse.shape
+        return self._shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -175,13 +176,14 @@ class SparseLinear(nn.Module):
             self.values,
             self.metadata,
             self.bias,
+            list(self._shape),
             self.out_features,
             str(self.pattern),
-            self.layout,
+            self._layout.name,
             self.backend,
             run.values if run is not None else None,
             run.metadata if run is not None else None,
-            run.layout if run is not None else "",
+            run.layout.name if run is not None else "",
             list(run.shape) if run is not None else [],
         )
 
@@ -211,10 +213,10 @@ class SparseLinear(nn.Module):
 
     def _make_backend_form(self) -> NMSparseWeight | None:
         dtype, device, backend = self.values.dtype, self.values.device, _backend_arg(self.backend)
-        for layout in DERIVED_LAYOUTS:
-            shape = padded_shape(self.out_features, self.in_features, self.pattern, layout, dtype)
+        for layout in derived_layouts():
+            shape = layout.padded_shape(self.out_features, self.in_features, self.pattern, dtype)
             try:
-                check_layout(dtype, shape, self.pattern, layout)
+                layout.check(dtype, shape, self.pattern)
                 # Ask before decompressing: can a backend (the chosen one, or auto's pick) make it here?
                 dispatch.select(
                     "compress",
@@ -280,15 +282,14 @@ class SparseLinear(nn.Module):
         if values.dtype == old.dtype:
             return
         try:
-            check_layout(values.dtype, old.shape, self.pattern, self.layout)
-            NMSparseWeight(values, metadata, old.shape, self.pattern, self.layout, check_metadata=False)
+            NMSparseWeight(values, metadata, old.shape, self.pattern, self._layout, check_metadata=False)
             return  # this layout holds the new dtype with the same metadata (packed; cutlass fp16<->bf16)
-        except ValueError:
+        except (TypeError, ValueError):
             pass
         # Re-encode exactly through dense: the N:M weight cast to the new dtype is still N:M.
         dense = fn(ops.decompress(old))[: self.out_features, : self.in_features]
         sw = _compress_layer(dense, self.pattern, None, None, self.backend)
-        self.layout = sw.layout
+        self._layout, self._shape = sw.layout, sw.shape
         self._buffers["values"], self._buffers["metadata"] = sw.values, sw.metadata
 
     def _load_from_state_dict(
@@ -305,7 +306,7 @@ class SparseLinear(nn.Module):
                 )
                 return
             try:  # shapes, metadata dtype and every index, against this module's pattern and layout
-                NMSparseWeight(values, metadata, self.padded_shape, self.pattern, self.layout)
+                NMSparseWeight(values, metadata, self.padded_shape, self.pattern, self._layout)
             except (TypeError, ValueError) as e:
                 error_msgs.append(
                     f"{prefix}values/metadata do not form this layer's {self.pattern} {self.layout} weight: {e}"

@@ -3,56 +3,58 @@ a dense layer weight becomes a compressed one."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from .. import dispatch, ops
-from ..formats import CUTLASS_PATTERN, LAYOUTS, NMSparseWeight, check_layout, cusparselt_multiples, cutlass_multiples
+from ..layouts import CUTLASS, PACKED, Layout, NMSparseWeight, get_layout, registered_layouts
+from ..layouts.base import round_up as _round_up
 from ..pattern import Pattern
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# What a SparseLinear stores (and saves). Backend-specific forms such as the cusparselt buffer are
-# made on the device from these and never stored.
-STORED_LAYOUTS = ("packed", "cutlass")
-DERIVED_LAYOUTS = tuple(layout for layout in LAYOUTS if layout not in STORED_LAYOUTS)
+# The layouts default_layout tries, in order: the Sparse Tensor Core layout where it fits as is,
+# else packed (which holds any n:m).
+DEFAULT_LAYOUTS = (CUTLASS, PACKED)
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+def stored_layouts() -> tuple[Layout, ...]:
+    """What a SparseLinear stores (and checkpoints save). The others (``Layout.stored`` False, such
+    as the cusparselt buffer) are backend forms made on the device from these and never stored."""
+    return tuple(layout for layout in registered_layouts() if layout.stored)
+
+
+def derived_layouts() -> tuple[Layout, ...]:
+    return tuple(layout for layout in registered_layouts() if not layout.stored)
+
+
+# The names of the built-in stored layouts (for code written before Layout.stored).
+STORED_LAYOUTS = tuple(layout.name for layout in stored_layouts())
 
 
 def default_layout(dtype: torch.dtype, pattern: Pattern, out_features: int, in_features: int) -> str:
     """The layout ``SparseLinear`` picks when none is given.
 
-    ``cutlass`` (the Sparse Tensor Core layout) when the dtype's hardware pattern is ``pattern``
-    (2:4 for fp16/bf16, 1:2 for fp32) and the shape already fits it (``cutlass_multiples``), so no
-    padding is spent just to reach it; otherwise ``packed``.
+    ``cutlass`` (the Sparse Tensor Core layout) when it holds this dtype and pattern (2:4 for
+    fp16/bf16, 1:2 for fp32) and the shape already fits its multiples, so no padding is spent
+    just to reach it; otherwise ``packed``.
     """
-    if CUTLASS_PATTERN.get(dtype) != pattern:
-        return "packed"
-    row_mult, col_mult = cutlass_multiples(dtype)
-    return "cutlass" if out_features % row_mult == 0 and in_features % col_mult == 0 else "packed"
+    for layout in DEFAULT_LAYOUTS:
+        if not layout.not_supported_reasons(dtype, (out_features, in_features), pattern):
+            return layout.name
+    return DEFAULT_LAYOUTS[-1].name
 
 
-def padded_shape(out_features: int, in_features: int, pattern: Pattern, layout: str, dtype: torch.dtype):
-    """The weight shape a layout holds: in_features padded to whole groups of m (``packed``), or
-    rows and columns to the layout's multiples (``cutlass``, and the derived ``cusparselt``).
-    Padding is zeros, never selected over a real value."""
-    if layout == "cutlass":
-        row_mult, col_mult = cutlass_multiples(dtype)
-        return _round_up(out_features, row_mult), _round_up(in_features, col_mult)
-    if layout == "cusparselt":  # a derived form: both dimensions to cuSPARSELt's multiple
-        mult = cusparselt_multiples(dtype)[0]
-        return _round_up(out_features, mult), _round_up(in_features, math.lcm(mult, pattern.m))
-    return out_features, _round_up(in_features, pattern.m)
+def padded_shape(out_features: int, in_features: int, pattern: Pattern, layout: str | Layout, dtype: torch.dtype):
+    """The weight shape ``layout`` holds for a layer of this size (``Layout.padded_shape``): e.g.
+    in_features padded to whole groups of m (``packed``), or rows and columns to the layout's
+    multiples (``cutlass``, and the derived ``cusparselt``). Padding is zeros, never selected over
+    a real value."""
+    return get_layout(layout).padded_shape(out_features, in_features, pattern, dtype)
 
 
-def _sparse_weight(values: torch.Tensor, metadata: torch.Tensor, pattern: Pattern, layout: str) -> NMSparseWeight:
+def _sparse_weight(values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern, layout) -> NMSparseWeight:
     """Rebuild the (trusted) compressed weight from a module's buffers."""
-    shape = (values.shape[0], values.shape[1] // pattern.n * pattern.m)
-    return NMSparseWeight(values, metadata, shape, pattern, layout, check_metadata=False)
+    return NMSparseWeight(values, metadata, tuple(shape), pattern, layout, check_metadata=False)
 
 
 def _backend_arg(backend: str) -> str | None:
@@ -70,15 +72,14 @@ def _compress_layer(w: torch.Tensor, pattern: Pattern, layout: str | None, score
     out_features, in_features = w.shape
     if backend != "auto":
         dispatch.get_backend(backend)  # an unknown name fails here, not at the first forward
-    if layout is not None and layout not in STORED_LAYOUTS:
-        raise ValueError(
-            f"SparseLinear stores layout 'packed' or 'cutlass' (or None: automatic), not {layout!r}; "
-            "backend-specific forms are made from these on the device"
-        )
+    if layout is not None:
+        layout = get_layout(layout)
+        _check_stored(layout)
 
-    def compress(candidate: str) -> NMSparseWeight:
-        shape = padded_shape(out_features, in_features, pattern, candidate, w.dtype)
-        check_layout(w.dtype, shape, pattern, candidate)
+    def compress(candidate) -> NMSparseWeight:
+        candidate = get_layout(candidate)
+        shape = candidate.padded_shape(out_features, in_features, pattern, w.dtype)
+        candidate.check(w.dtype, shape, pattern)
         # Padded scores sit below every real score, so a padded position is never kept over a real one.
         padded_scores = (
             None
@@ -88,7 +89,7 @@ def _compress_layer(w: torch.Tensor, pattern: Pattern, layout: str | None, score
         return ops.compress(_pad(w, shape, 0), pattern, candidate, scores=padded_scores)
 
     sw = compress(layout or default_layout(w.dtype, pattern, out_features, in_features))
-    if layout is not None or backend == "auto" or sw.layout == "packed":
+    if layout is not None or backend == "auto" or sw.layout is PACKED:
         return sw
     chosen = dispatch.get_backend(backend)
 
@@ -98,8 +99,17 @@ def _compress_layer(w: torch.Tensor, pattern: Pattern, layout: str | None, score
 
     if runs(sw):
         return sw
-    packed = compress("packed")
+    packed = compress(PACKED)
     return packed if runs(packed) else sw
+
+
+def _check_stored(layout: Layout) -> None:
+    if not layout.stored:
+        names = " or ".join(repr(stored.name) for stored in stored_layouts())
+        raise ValueError(
+            f"SparseLinear stores layout {names} (or None: automatic), not {layout.name!r}; "
+            "backend-specific forms are made from these on the device"
+        )
 
 
 def _check_float(dtype: torch.dtype) -> None:

@@ -8,6 +8,9 @@ Layouts: ``compress``/``decompress`` handle ``packed`` (any n:m) and ``cutlass``
 reads ``packed`` directly, the same bytes ``compress`` stores (see ``kernels.py``); weights in
 the ``cutlass`` layout are answered with a reason that says to compress with
 ``layout='packed'`` (their reordered metadata serves CUTLASS/cuSPARSELt, not this kernel).
+
+The kernels are the ``torch.ops.nxm_triton`` ops (``library.py``), with the same schemas and fake
+kernels as the C++ ops of ``torch.ops.nxm`` (both defined in ``nxm_kernels/_ops.py``).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from ... import _compat
-from ...dispatch import OPS, Backend
-from ...formats import NMSparseWeight
+from ... import _ops, dispatch
+from ...dispatch import Backend, Support, call_facts
+from ...layouts import NMSparseWeight, PACKED
 
 try:
     import triton  # noqa: F401
@@ -24,14 +28,26 @@ except ImportError as error:  # the module must import without triton, and say s
     _IMPORT_ERROR: str | None = f"triton is not importable ({error}): pip install triton (Linux)"
 else:
     _IMPORT_ERROR = None
-    from . import kernels, library  # noqa: F401 (library registers torch.ops.nxm_triton)
+    from . import kernels, library  # noqa: F401 (library registers the kernels of torch.ops.nxm_triton)
 
 _INT32_LIMIT = 2**31  # the kernels index elements with 32-bit offsets within a row block
+DEVICES = ("cuda", "cpu")  # cpu: under TRITON_INTERPRET=1 only (extra_reasons)
+KERNELS = _ops.layout_kernels("nxm_triton")
 
 
 class TritonBackend(Backend):
     name = "triton"
-    ops = frozenset(OPS)
+    supports = {
+        "nm_mask": Support(devices=DEVICES),
+        "project": Support(devices=DEVICES),
+        "compress": Support(layouts=tuple(KERNELS), devices=DEVICES),
+        "decompress": Support(layouts=tuple(KERNELS), devices=DEVICES),
+        "sparse_mm": Support(
+            layouts=(PACKED.name,), dtypes=(torch.float16, torch.bfloat16, torch.float32), devices=DEVICES,
+            advice="the Triton GEMM reads layout 'packed' (compress with layout='packed') and multiplies float "
+                   "types (int8 x int8 -> int32 is not implemented in it): use another backend for the rest",
+        ),
+    }
     auto_devices = ("cuda",)
 
     def unavailable_reason(self) -> str | None:
@@ -44,45 +60,31 @@ class TritonBackend(Backend):
                     "TRITON_INTERPRET=1 set before importing nxm_kernels (slow; for testing)")
         return None
 
-    def not_supported_reasons(self, op: str, **inputs) -> list[str]:
+    def extra_reasons(self, op: str, **inputs) -> list[str]:
         why = []
-        tensors = [v for v in inputs.values() if isinstance(v, (torch.Tensor, NMSparseWeight))]
-        device = tensors[0].device
-        if device.type == "cpu" and not kernels.INTERPRETED:
+        if call_facts(inputs)[2].type == "cpu" and not kernels.INTERPRETED:
             why.append("CPU tensors run only under the Triton interpreter: set TRITON_INTERPRET=1 before "
                        "importing nxm_kernels (slow; for testing), or move the tensors to a CUDA GPU")
-        elif device.type not in ("cuda", "cpu"):
-            why.append(f"Triton kernels run on CUDA tensors, got {device.type} tensors")
+        tensors = [v for v in inputs.values() if isinstance(v, (torch.Tensor, NMSparseWeight))]
         sizes = [t.values.numel() if isinstance(t, NMSparseWeight) else t.numel() for t in tensors]
         if max(sizes) >= _INT32_LIMIT:
             why.append("tensors of 2**31 or more elements are not supported (32-bit offsets): split the layer")
-        layout = inputs["sw"].layout if "sw" in inputs else inputs.get("layout")
-        if layout not in (None, "packed", "cutlass"):
-            why.append(f"layout {layout!r} is not read or written by the Triton kernels: use 'packed' or 'cutlass'")
-        elif op == "sparse_mm":
-            if layout != "packed":
-                why.append("the Triton GEMM reads layout 'packed', not 'cutlass': "
-                           "compress with layout='packed' (or use a backend for cutlass weights)")
-            if inputs["x"].dtype == torch.int8:
-                why.append("int8 x int8 -> int32 is not implemented in the Triton GEMM: use another backend")
         return why
 
     def nm_mask(self, w, pattern, scores):
-        return torch.ops.nxm_triton.nm_mask(w, scores, pattern.n, pattern.m)
+        return torch.ops.nxm_triton.nm_mask(w, pattern.n, pattern.m, scores)
 
     def project(self, w, pattern, scores):
-        return torch.ops.nxm_triton.project(w, scores, pattern.n, pattern.m)
+        return torch.ops.nxm_triton.project(w, pattern.n, pattern.m, scores)
 
     def compress(self, w, pattern, layout, scores):
-        return torch.ops.nxm_triton.compress(w, scores, pattern.n, pattern.m, layout)
+        return KERNELS[layout.name][0](w, pattern, scores)
 
     def decompress(self, sw):
-        return torch.ops.nxm_triton.decompress(
-            sw.values, sw.metadata, sw.pattern.n, sw.pattern.m, sw.layout, sw.in_features
-        )
+        return KERNELS[sw.layout.name][1](sw.values, sw.metadata, sw.shape, sw.pattern)
 
     def sparse_mm(self, x, sw, bias):
-        return torch.ops.nxm_triton.sparse_mm(x, sw.values, sw.metadata, bias, sw.pattern.n, sw.pattern.m)
+        return torch.ops.nxm_triton.sparse_mm_packed(x, sw.values, sw.metadata, bias, sw.pattern.n, sw.pattern.m)
 
 
-BACKEND = TritonBackend()
+BACKEND = dispatch.register(TritonBackend(), priority=10)

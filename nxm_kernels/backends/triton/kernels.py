@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import reference
-from ...formats import expected_storage
+from ...layouts import CUTLASS, PACKED
+from ...layouts.cutlass import NIBBLE_OF_FLAGS
 from ...pattern import Pattern
 
 # ---------------------------------------------------------------- shared device helpers
@@ -94,7 +94,7 @@ def _pack_fields(fields, G: tl.constexpr, FIELD_BITS: tl.constexpr, WORD_BITS: t
 
 @triton.jit
 def _cutlass_meta_offset(row, col, rows, BLOCK: tl.constexpr, SPREAD: tl.constexpr):
-    """Stored position of metadata element (row, col): ``reference.cutlass_meta_offsets``."""
+    """Stored position of metadata element (row, col): ``layouts.cutlass.meta_offsets``."""
     r = row // BLOCK * BLOCK + (row % 8) * SPREAD + (row % BLOCK) // 8
     swap = ((r % 2 == 0) & (col % 2 == 1)).to(tl.int32) - ((r % 2 == 1) & (col % 2 == 0)).to(tl.int32)
     r = r + swap
@@ -164,8 +164,8 @@ def _compress_packed_kernel(
              mask=(byte < row_bytes) & (tl.arange(0, BYTES) < G * N * BITS // 8))
 
 
-# CUTLASS_NIBBLE_OF_FLAGS as one 64-bit constant: nibble of flags f = (TABLE >> 4f) & 0xF.
-CUTLASS_NIBBLE_TABLE = sum(nib << (4 * f) for f, nib in enumerate(reference.CUTLASS_NIBBLE_OF_FLAGS))
+# layouts.cutlass.NIBBLE_OF_FLAGS as one 64-bit constant: nibble of flags f = (TABLE >> 4f) & 0xF.
+CUTLASS_NIBBLE_TABLE = sum(nib << (4 * f) for f, nib in enumerate(NIBBLE_OF_FLAGS))
 
 
 @triton.jit
@@ -455,35 +455,47 @@ def select(w: torch.Tensor, pattern: Pattern, scores, project: bool) -> torch.Te
     return out.view(w.dtype) if project else out.view(torch.bool)
 
 
-def compress(w: torch.Tensor, pattern: Pattern, layout: str, scores):
+def _compress_outputs(layout, w: torch.Tensor, bits: torch.Tensor, pattern: Pattern):
+    specs = layout.storage(w.dtype, tuple(w.shape), pattern)
+    values = torch.empty(specs["values"].shape, dtype=bits.dtype, device=w.device)
+    return values, torch.empty(specs["metadata"].shape, dtype=specs["metadata"].dtype, device=w.device)
+
+
+def compress_packed(w: torch.Tensor, pattern: Pattern, scores):
     rows, cols = w.shape
     bits = _bits(w)
     scores, has_scores, score_type = _scores_args(scores)
-    values_shape, meta_shape, meta_dtype = expected_storage(w.dtype, w.shape, pattern, layout)
-    values = torch.empty(values_shape, dtype=bits.dtype, device=w.device)
-    metadata = torch.empty(meta_shape, dtype=meta_dtype, device=w.device)
+    values, metadata = _compress_outputs(PACKED, w, bits, pattern)
     groups_per_row = cols // pattern.m
-    keys = dict(SIGN_CLEAR=_SIGN_CLEAR[bits.dtype], HAS_SCORES=has_scores, SCORE_TYPE=score_type)
-    if layout == "packed":
-        mp = triton.next_power_of_2(pattern.m)
-        g = _groups_per_program(mp)
-        width = pattern.n * pattern.index_bits
-        _compress_packed_kernel[(rows, triton.cdiv(groups_per_row, g))](
-            bits, scores, values, metadata, groups_per_row, meta_shape[1],
-            M=pattern.m, N=pattern.n, MP=mp, NP=triton.next_power_of_2(pattern.n), BITS=pattern.index_bits,
-            G=g, BYTES=triton.next_power_of_2(g * width // 8), **keys,
-        )
-    else:
-        word_bits = 8 * metadata.element_size()
-        g = 64
-        _compress_cutlass_kernel[(rows, triton.cdiv(groups_per_row, g))](
-            bits, scores, values, metadata, rows, groups_per_row,
-            PAIRS=pattern.m == 2, G=g, WORD_BITS=word_bits, TABLE=CUTLASS_NIBBLE_TABLE, **keys,
-        )
+    mp = triton.next_power_of_2(pattern.m)
+    g = _groups_per_program(mp)
+    width = pattern.n * pattern.index_bits
+    _compress_packed_kernel[(rows, triton.cdiv(groups_per_row, g))](
+        bits, scores, values, metadata, groups_per_row, metadata.shape[1],
+        M=pattern.m, N=pattern.n, MP=mp, NP=triton.next_power_of_2(pattern.n), BITS=pattern.index_bits,
+        G=g, BYTES=triton.next_power_of_2(g * width // 8),
+        SIGN_CLEAR=_SIGN_CLEAR[bits.dtype], HAS_SCORES=has_scores, SCORE_TYPE=score_type,
+    )
     return values.view(w.dtype), metadata
 
 
-def decompress(values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern, layout: str):
+def compress_cutlass(w: torch.Tensor, pattern: Pattern, scores):
+    rows, cols = w.shape
+    bits = _bits(w)
+    scores, has_scores, score_type = _scores_args(scores)
+    values, metadata = _compress_outputs(CUTLASS, w, bits, pattern)
+    groups_per_row = cols // pattern.m
+    g = 64
+    _compress_cutlass_kernel[(rows, triton.cdiv(groups_per_row, g))](
+        bits, scores, values, metadata, rows, groups_per_row,
+        PAIRS=pattern.m == 2, G=g, WORD_BITS=8 * metadata.element_size(), TABLE=CUTLASS_NIBBLE_TABLE,
+        SIGN_CLEAR=_SIGN_CLEAR[bits.dtype], HAS_SCORES=has_scores, SCORE_TYPE=score_type,
+    )
+    return values.view(w.dtype), metadata
+
+
+def decompress(values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern, cutlass: bool):
+    """Dense weight from the packed layout, or (``cutlass``) from the cutlass layout."""
     rows, cols = shape
     bits = _bits(values)
     out = torch.empty((rows, cols), dtype=bits.dtype, device=values.device)
@@ -493,7 +505,7 @@ def decompress(values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pat
     _decompress_kernel[(rows, triton.cdiv(groups_per_row, g))](
         bits, metadata.contiguous(), out, rows, groups_per_row, metadata.shape[1],
         M=pattern.m, N=pattern.n, MP=mp, NP=triton.next_power_of_2(pattern.n), BITS=pattern.index_bits,
-        G=g, CUTLASS=layout == "cutlass", PAIRS=pattern.m == 2,
+        G=g, CUTLASS=cutlass, PAIRS=pattern.m == 2,
         WORD_BITS=8 * metadata.element_size(),
     )
     return out.view(values.dtype)

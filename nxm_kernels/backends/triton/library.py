@@ -1,64 +1,53 @@
-"""The Triton kernels as ``torch.library`` custom ops (namespace ``nxm_triton``) with fake kernels,
-so ``torch.compile`` traces through them without running Triton at trace time."""
+"""The Triton kernels as the implementations of the ``torch.ops.nxm_triton`` ops.
+
+Their schemas and fake kernels are those of the C++ ops (``nxm_kernels/_ops.py``, one definition
+for both namespaces), so ``torch.compile`` traces them without running Triton at trace time.
+Registered for CUDA tensors, and for CPU tensors (which run under the Triton interpreter only).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
-from ...formats import expected_storage
+from ... import _ops  # noqa: F401  (defines the schemas)
+from ...layouts.cutlass import PATTERN as CUTLASS_PATTERN
 from ...pattern import Pattern
 from . import kernels
 
+DEVICES = ("cuda", "cpu")
 
-@torch.library.custom_op("nxm_triton::nm_mask", mutates_args=())
-def nm_mask(w: Tensor, scores: Optional[Tensor], n: int, m: int) -> Tensor:
+
+@torch.library.register_kernel("nxm_triton::nm_mask", DEVICES)
+def _nm_mask(w, n, m, scores):
     return kernels.select(w, Pattern(n, m), scores, project=False)
 
 
-@nm_mask.register_fake
-def _(w, scores, n, m):
-    return torch.empty_like(w, dtype=torch.bool)
-
-
-@torch.library.custom_op("nxm_triton::project", mutates_args=())
-def project(w: Tensor, scores: Optional[Tensor], n: int, m: int) -> Tensor:
+@torch.library.register_kernel("nxm_triton::project", DEVICES)
+def _project(w, n, m, scores):
     return kernels.select(w, Pattern(n, m), scores, project=True)
 
 
-@project.register_fake
-def _(w, scores, n, m):
-    return torch.empty_like(w)
+@torch.library.register_kernel("nxm_triton::compress_packed", DEVICES)
+def _compress_packed(w, n, m, scores):
+    return kernels.compress_packed(w, Pattern(n, m), scores)
 
 
-@torch.library.custom_op("nxm_triton::compress", mutates_args=())
-def compress(w: Tensor, scores: Optional[Tensor], n: int, m: int, layout: str) -> tuple[Tensor, Tensor]:
-    return kernels.compress(w, Pattern(n, m), layout, scores)
+@torch.library.register_kernel("nxm_triton::decompress_packed", DEVICES)
+def _decompress_packed(values, metadata, cols, n, m):
+    return kernels.decompress(values, metadata, (values.shape[0], cols), Pattern(n, m), cutlass=False)
 
 
-@compress.register_fake
-def _(w, scores, n, m, layout):
-    values_shape, meta_shape, meta_dtype = expected_storage(w.dtype, w.shape, Pattern(n, m), layout)
-    return w.new_empty(values_shape), w.new_empty(meta_shape, dtype=meta_dtype)
+@torch.library.register_kernel("nxm_triton::compress_cutlass", DEVICES)
+def _compress_cutlass(w, scores):
+    return kernels.compress_cutlass(w, CUTLASS_PATTERN[w.dtype], scores)
 
 
-@torch.library.custom_op("nxm_triton::decompress", mutates_args=())
-def decompress(values: Tensor, metadata: Tensor, n: int, m: int, layout: str, in_features: int) -> Tensor:
-    return kernels.decompress(values, metadata, (values.shape[0], in_features), Pattern(n, m), layout)
+@torch.library.register_kernel("nxm_triton::decompress_cutlass", DEVICES)
+def _decompress_cutlass(values, metadata):
+    shape = (values.shape[0], values.shape[1] * 2)
+    return kernels.decompress(values, metadata, shape, CUTLASS_PATTERN[values.dtype], cutlass=True)
 
 
-@decompress.register_fake
-def _(values, metadata, n, m, layout, in_features):
-    return values.new_empty((values.shape[0], in_features))
-
-
-@torch.library.custom_op("nxm_triton::sparse_mm", mutates_args=())
-def sparse_mm(x: Tensor, values: Tensor, metadata: Tensor, bias: Optional[Tensor], n: int, m: int) -> Tensor:
+@torch.library.register_kernel("nxm_triton::sparse_mm_packed", DEVICES)
+def _sparse_mm_packed(x, values, metadata, bias, n, m):
     return kernels.sparse_mm(x, values, metadata, Pattern(n, m), bias)
-
-
-@sparse_mm.register_fake
-def _(x, values, metadata, bias, n, m):
-    return x.new_empty((x.shape[0], values.shape[0]))
