@@ -19,7 +19,7 @@ export NXM_FORCE_CUDA ?= 1
 endif
 endif
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench gpu-check clean
 
 $(STAMP): requirements-dev.txt setup.py pyproject.toml $(CSRC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ test: $(STAMP)
 # Writes benchmarks/results.json, RESULTS.md and plots/; BENCH_ARGS=--full for the whole grid (see benchmarks/README.md).
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# On a GPU server, first: the acceptance run with the server's own Python and torch (PYTHON=/path/to/python;
+# no venv, nothing installed). It builds _C in place for the local GPU, runs the gpu tests, checks every
+# cuSPARSELt algorithm, benchmarks, and writes a summary (GPU_CHECK_ARGS, e.g. --out DIR; see --help).
+gpu-check:
+	$(PYTHON) nxm_kernels/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .benchmarks .pytest_cache

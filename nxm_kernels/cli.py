@@ -426,11 +426,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(p)
     p.set_defaults(run=cmd_demo)
+
+    # Listed here for `nxm --help`; main() hands its arguments to nxm_kernels.gpu_check, which parses them.
+    commands.add_parser("gpu-check", add_help=False, help="the acceptance run on a GPU server, with its own torch: "
+                        "build, gpu tests, cuSPARSELt algorithm check, benchmarks (nxm gpu-check --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gpu-check"]:
+        from . import gpu_check
+
+        return gpu_check.main(argv[1:])
     bench_args = None
     if argv[:1] == ["bench"] and argv[1:2] not in (["-h"], ["--help"]):
         argv, bench_args = ["bench"], argv[1:]  # everything after `bench` belongs to the suite's runner
