@@ -30,6 +30,15 @@ Defaults (those of the paper's code, in scaled coordinates where diag H_s = 1):
 - ``rho=1.0``: as large as the (unit) diagonal, so each W-step moves W well towards Z - U
   without stalling the fit; with one factorization rho stays fixed.
 - ``iterations=20``, ``ramp=15``: 15 iterations to choose the mask, 5 to refit to it.
+
+Measured on the 7 Linears of SmolLM2-135M's block 6 at 2:4 (H from 24 x 256 tokens of one play,
+relative output error on 8 x 256 tokens of another; sum over the layers): SparseGPT 0.333,
+these defaults 0.283. Tried and not kept: rho 0.3 (0.333) or 3 (0.290); damp 0.01 (0.292) or
+0.03 (0.290); 40 iterations with a 30-iteration ramp (0.282, twice the time); rho growing
+geometrically during the iterations as the paper's code does (0.1 x 1.3^t, 0.3 x 1.15^t,
+0.5 x 1.1^t, refactored at each change: 1-2% worse on the six 576-wide layers); an exact
+least-squares refit of the kept weights after the last iteration (no gain: the 5 iterations after
+the ramp have converged; with a damp of 0.01 instead, 2% worse on held-out text).
 """
 
 from __future__ import annotations
