@@ -785,7 +785,7 @@ def _median_us(fns: dict, rounds: int = BENCH_ROUNDS) -> dict:
     samples = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            samples[name].append(triton.testing.do_bench(fn, warmup=5, rep=25) * 1000)
+            samples[name].append(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1000)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

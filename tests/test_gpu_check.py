@@ -326,6 +326,48 @@ def test_calls_never_run_an_excluded_algorithm(fake_gpu):
     assert excluded.usable((20, 4), cpu, torch.bfloat16) == (20, 4)  # excluded for float16 only
 
 
+def test_the_algorithm_step_writes_exclusions_that_calls_then_honour(tmp_path, monkeypatch, fake_gpu):
+    """The worker's glue and the step's reading of it, with the fake runner in place of the GPU."""
+    monkeypatch.setattr(gpu_check, "GpuAlgorithmRunner", FakeRunner)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA A100-SXM4-80GB")
+    with gpu_check.Recorder(tmp_path / "algorithms.jsonl", 60) as record:
+        gpu_check.worker_algorithms(record)
+    monkeypatch.setattr(gpu_check, "_run_worker", lambda name, python, out_dir, step: gpu_check._records(
+        out_dir / f"{name}.jsonl"))
+    step = gpu_check.StepResult("algorithms", 40)
+    gpu_check.step_algorithms("python", tmp_path, step)
+    assert step.status == "failed" and "excluded from tuning: float16 3, 20; bfloat16 3, 20" in step.summary
+    assert len(step.detail["cases"]) == 3 * len(gpu_check.ALGORITHM_DTYPES)
+    assert "cuSPARSELt int8 algorithm 20: 1024x512 M=512 split-k 0" in " ".join(step.detail["wrong"])
+    written = cusparselt.read_exclusions(cusparselt.exclusions_path())
+    assert written[fake_gpu] == {3, 20}  # this check replaced the earlier {0, 20}
+    assert all(written[cusparselt.exclusion_key("NVIDIA A100-SXM4-80GB", 801, getattr(torch, name))] == {3, 20}
+               for name in gpu_check.ALGORITHM_DTYPES)
+    cusparselt._EXCLUDED.ids = None  # a later process reads the new file
+    assert cusparselt._EXCLUDED.usable((20, 0), torch.device("cpu"), torch.int8) == (0, 0)
+
+
+def test_the_bench_step_fails_on_a_wrong_output_and_times_out_when_incomplete(tmp_path, monkeypatch):
+    row = {"kind": "gemm", "shape": "decoder-8b.attn-qo 4096x4096", "m": 1, "us": {"cuBLAS dense": 9.0},
+           "notes": [], "wrong": [], "best_speedup": 1.5}
+    records = [{"kind": "impls", "impls": ["cusparselt", "cuBLAS dense"]}, row,
+               {"kind": "w4a16", "rows": None, "why": "not landed"}, {"kind": "end", "complete": True}]
+    monkeypatch.setattr(gpu_check, "_run_worker", lambda *args: records)
+    step = gpu_check.StepResult("bench", 70)
+    gpu_check.step_bench("python", tmp_path, step)
+    assert step.status == "passed" and "best sparse speed-up 1.50x" in step.summary
+    assert step.detail["w4a16"] == "not landed"
+    records[1] = {**row, "wrong": ["decoder-8b.attn-qo M=1 triton: max error 3 > allowed 0.01"]}
+    step = gpu_check.StepResult("bench", 70)
+    gpu_check.step_bench("python", tmp_path, step)
+    assert step.status == "failed" and "triton: max error 3" in step.summary
+    records[1], records[-1] = row, {"kind": "end", "complete": False}
+    step = gpu_check.StepResult("bench", 70)
+    gpu_check.step_bench("python", tmp_path, step)
+    assert step.status == "timed out"
+
+
 def fake_sw(out_features=64, in_features=128):
     sw = mock.NonCallableMagicMock(spec=cusparselt.NMSparseWeight)
     sw.layout = getattr(cusparselt, "CUSPARSELT", "cusparselt")
