@@ -103,8 +103,8 @@ def prune(
       :func:`.layerwise_admm.admm`).
 
     ``calibration``: an iterable of model inputs (tensors, tuples of positional arguments, or
-    dicts of keyword arguments for Hugging Face models; ``use_cache=False`` is forced); it is
-    iterated once. ``include``/``exclude`` select the Linears as the sparsifiers do (heads and
+    dicts of keyword arguments for Hugging Face models; ``use_cache=False`` is forced), read
+    once into a list. ``include``/``exclude`` select the Linears as the sparsifiers do (heads and
     embeddings stay dense by default). ``progress``: True prints a line per layer on stderr, or a
     callable ``(done, total, name)``. ``measure_error``: gather H for every method when
     calibration is given, to report each layer's relative reconstruction error (costs the H
@@ -154,7 +154,7 @@ def _prune_calibrated(model, targets, calibration, prune_layers) -> None:
     calibration = list(calibration)
     inputs = capture_block_inputs(model, blocks[0], calibration, device)
     in_blocks = {id(m) for m in blocks.modules()}
-    for block in blocks:
+    for index, block in enumerate(blocks):
         in_block = {id(m) for m in block.modules()}
         layers = {name: layer for name, layer in targets.items() if id(layer) in in_block}
         if layers:
@@ -162,6 +162,8 @@ def _prune_calibrated(model, targets, calibration, prune_layers) -> None:
                 for i in range(len(inputs.hidden)):
                     inputs.call(block, i)
             prune_layers(layers, stats)
+        if index + 1 == len(blocks):
+            break
         inputs = BlockInputs([inputs.call(block, i) for i in range(len(inputs.hidden))], inputs.context)
     del inputs
     rest = {name: layer for name, layer in targets.items() if id(layer) not in in_blocks}
