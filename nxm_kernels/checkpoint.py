@@ -242,7 +242,7 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     try:
         header = json.loads(metadata[HEADER_KEY])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise _fail(
             path, f"nxm header is not valid JSON ({e}): the file is corrupt; write it again with nxm.save"
         ) from None
@@ -349,7 +349,8 @@ def _read_checkpoint(path, verify: bool) -> SparseCheckpoint:
     claimed = set()
     for name, spec in header["layers"].items():
         checkpoint.layers[name] = _build_layer(path, name, spec, tensors)
-        claimed.update(f"{name}.{k}" if name else k for k in ("values", "metadata", "bias"))
+        # whatever the layer's layout stores, by the names its state_dict gives them
+        claimed.update(f"{name}.{k}" if name else k for k in checkpoint.layers[name].state_dict())
     checkpoint.tensors = {k: v for k, v in tensors.items() if k not in claimed}
     return checkpoint
 

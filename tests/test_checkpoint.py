@@ -332,13 +332,16 @@ def test_the_header_checksum_covers_its_content_not_its_spelling(saved):
     assert torch.equal(run(nxm.load(path, build_model())), run(model))
 
 
-def test_huge_or_impossible_lengths_are_refused(tmp_path):
+def test_huge_lengths_and_deep_nesting_are_refused(tmp_path):
     path = tmp_path / "huge.safetensors"
     for size in (2**63, 2**64 - 1, 100_000_001):
         path.write_bytes(size.to_bytes(8, "little") + b"{}")
         with pytest.raises(nxm.CheckpointError, match="not a readable safetensors file") as error:
             nxm.load(path)
         assert error.value.unreadable
+    save_file({"w": torch.zeros(2)}, path, metadata={"nxm": "[" * 100_000})
+    with pytest.raises(nxm.CheckpointError, match="not valid JSON"):
+        nxm.load(path)
 
 
 DATA = Path(__file__).parent / "data"
