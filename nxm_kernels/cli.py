@@ -159,7 +159,9 @@ def _load_causal_lm(source: str, gguf_file: str | None, dtype: torch.dtype):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **gguf)
     except (OSError, ValueError) as e:
-        raise CommandError(f"no tokenizer for {str(path)!r} ({e}): calibration text needs the model's tokenizer") from None
+        raise CommandError(
+            f"no tokenizer for {str(path)!r} ({e}): calibration text needs the model's tokenizer"
+        ) from None
     return model, tokenizer, info
 
 
@@ -202,7 +204,8 @@ def cmd_prune(args) -> int:
     info["pruned"] = {"method": args.method, "pattern": args.pattern, "samples": args.samples,
                       "seq_len": args.seq_len, "options": options}
     checkpoint.save(model, args.output, info=info)
-    print(f"converted {len(converted.converted)} layer(s); wrote {args.output} ({os.path.getsize(args.output):,} bytes)")
+    size = os.path.getsize(args.output)
+    print(f"converted {len(converted.converted)} layer(s); wrote {args.output} ({size:,} bytes)")
     return 0
 
 

@@ -139,7 +139,8 @@ def test_every_method_ends_exactly_on_the_pattern_deterministically(method, patt
         report = prune(model, pattern, method=method, calibration=calibration, progress=False)
         weights.append(model[0].weight.detach().clone())
         assert nxm.is_nm_sparse(weights[-1], pattern)
-        assert int((weights[-1] != 0).sum()) == weights[-1].numel() * Pattern.parse(pattern).n // Pattern.parse(pattern).m
+        n, m = Pattern.parse(pattern).n, Pattern.parse(pattern).m
+        assert int((weights[-1] != 0).sum()) == weights[-1].numel() * n // m
         assert list(report.layers) == ["0"] and report.layers["0"].method == method
         assert report.layers["0"].error == pytest.approx(
             relative_error(layer()[0].weight.detach(), weights[-1], gram(torch.cat(calibration)).float()), rel=1e-4
@@ -274,7 +275,8 @@ def test_clear_errors():
 def test_progress_reports_every_layer(capsys):
     calls = []
     prune(ToyModel(), "2:4", method="magnitude", progress=lambda done, total, name: calls.append((done, total, name)))
-    assert calls == [(i + 1, 4, n) for i, n in enumerate(["layers.0.up", "layers.0.down", "layers.1.up", "layers.1.down"])]
+    names = ["layers.0.up", "layers.0.down", "layers.1.up", "layers.1.down"]
+    assert calls == [(i + 1, 4, n) for i, n in enumerate(names)]
     prune(ToyModel(), "2:4", method="magnitude")
     assert "[4/4] magnitude layers.1.down 32->16" in capsys.readouterr().err
 
@@ -307,7 +309,9 @@ def tiny_llama_directory(path):
     return " ".join(words * 8)
 
 
-@pytest.mark.parametrize("method, options", [("sparsegpt", []), ("admm", ["--iterations", "6", "--ramp", "4", "--rho", "0.5"])])
+@pytest.mark.parametrize(
+    "method, options", [("sparsegpt", []), ("admm", ["--iterations", "6", "--ramp", "4", "--rho", "0.5"])]
+)
 def test_nxm_prune_a_tiny_causal_lm(tmp_path, capsys, method, options):
     from nxm_kernels import cli
 
@@ -344,7 +348,8 @@ def test_admm_sparsifier_starts_from_a_one_shot_mask(init):
         torch.testing.assert_close(sparsifier.Z[name], reference.get_submodule(name).weight.detach(), rtol=0, atol=0)
         assert not sparsifier.U[name].any()
     if init != "magnitude":  # a calibrated start differs from projecting the dense weights
-        assert any(not torch.equal(sparsifier.Z[n], nxm.project(m.weight.detach(), "2:4")) for n, m in sparsifier.targets.items())
+        projected = {n: nxm.project(m.weight.detach(), "2:4") for n, m in sparsifier.targets.items()}
+        assert any(not torch.equal(sparsifier.Z[n], projected[n]) for n in projected)
     with pytest.raises(ValueError, match="init must be None or one of"):
         ADMMSparsifier(ToyModel(), "2:4", init="obs")
 

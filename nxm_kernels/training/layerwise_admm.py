@@ -59,7 +59,8 @@ DAMP = 0.1
 class ADMMResult:
     weight: torch.Tensor  # [out, in], on the pattern, in H's dtype
     mask: torch.Tensor  # bool, the kept entries
-    primal_residual: float  # ||W - Z|| / ||W|| at the end (scaled coordinates): how far the last W-step was from the pattern
+    # ||W - Z|| / ||W|| at the end (scaled coordinates): how far the last W-step was from the pattern
+    primal_residual: float
 
 
 def ramp_share(t: int, ramp: int, share: float) -> float:
@@ -112,7 +113,9 @@ def admm(
     _check_options(iterations, rho, ramp, damp, mask)
     columns = weight.shape[1]
     if hessian.shape != (columns, columns):
-        raise ValueError(f"hessian must be [{columns}, {columns}] for a weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
+        raise ValueError(
+            f"hessian must be [{columns}, {columns}] for a weight {tuple(weight.shape)}, got {tuple(hessian.shape)}"
+        )
     norms = hessian.diagonal().sqrt()
     norms = torch.where(norms > 0, norms, torch.ones_like(norms))  # dead inputs: any scale
     scaled_h = hessian / norms[:, None] / norms[None, :]

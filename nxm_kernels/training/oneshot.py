@@ -28,14 +28,18 @@ from torch import nn
 from .. import ops
 from ..pattern import PatternLike, as_pattern
 from ..selection import mark
-from .calibration import HESSIAN, NORMS, BlockInputs, InputStats, capture_block_inputs, find_blocks, model_call, no_cache
+from .calibration import (
+    HESSIAN, NORMS, BlockInputs, InputStats, capture_block_inputs, find_blocks, model_call, no_cache,
+)
 from .common import Selector, select_linears, unwrap
 from .layerwise_admm import admm
 from .sparsegpt import group_width, sparsegpt
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
 # Per-method options (keyword arguments of prune), with the function that reads them.
-_OPTIONS = {"magnitude": (), "wanda": (), "sparsegpt": ("damp", "block_size"), "admm": ("iterations", "rho", "ramp", "damp")}
+_OPTIONS = {
+    "magnitude": (), "wanda": (), "sparsegpt": ("damp", "block_size"), "admm": ("iterations", "rho", "ramp", "damp"),
+}
 _NEEDS_HESSIAN = ("sparsegpt", "admm")
 
 
@@ -64,7 +68,9 @@ class PruneReport:
         return sum(errors) / len(errors) if errors else None
 
     def __str__(self) -> str:
-        lines = [f"pruned {len(self.layers)} linear layer(s) to {self.pattern} with {self.method} in {self.seconds:.1f} s"]
+        lines = [
+            f"pruned {len(self.layers)} linear layer(s) to {self.pattern} with {self.method} in {self.seconds:.1f} s"
+        ]
         for name, r in self.layers.items():
             error = "" if r.error is None else f", relative error {r.error:.4g}"
             lines.append(f"  + {name}: {r.shape[1]}->{r.shape[0]}{error}, {r.seconds:.2f} s")
@@ -242,7 +248,8 @@ def _progress_printer(progress, total: int, method: str):
         elif progress:
             error = "" if layer.error is None else f" rel. error {layer.error:.4g}"
             extra = "".join(f" {k.replace('_', ' ')} {v:.3g}" for k, v in layer.details.items())
-            sys.stderr.write(f"[{done[0]}/{total}] {method} {name} {layer.shape[1]}->{layer.shape[0]}{error}{extra} {layer.seconds:.2f} s\n")
+            shape = f"{layer.shape[1]}->{layer.shape[0]}"
+            sys.stderr.write(f"[{done[0]}/{total}] {method} {name} {shape}{error}{extra} {layer.seconds:.2f} s\n")
             sys.stderr.flush()
 
     return say

@@ -68,7 +68,9 @@ def sparsegpt(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     columns = weight.shape[1]
     if hessian.shape != (columns, columns):
-        raise ValueError(f"hessian must be [{columns}, {columns}] for a weight {tuple(weight.shape)}, got {tuple(hessian.shape)}")
+        raise ValueError(
+            f"hessian must be [{columns}, {columns}] for a weight {tuple(weight.shape)}, got {tuple(hessian.shape)}"
+        )
     u, dead = inverse_hessian_factor(hessian, damp)
     w = weight.to(hessian.dtype).clone()
     w[:, dead] = 0
