@@ -151,7 +151,8 @@ def plan_text(python: str, out_dir: Path, skip=(), build_mode: str = "inplace") 
         "                    shapes " + ", ".join(f"{name} {n}x{k}" for name, (n, k) in BENCH_SHAPES.items())
         + f"; M = {', '.join(map(str, BENCH_M))}",
         f"                    W4A16 2:4 against fp16 at M = {', '.join(map(str, W4A16_M))}: "
-        + ("runs" if w4a16 is None else f"skipped: {w4a16}"),
+        + ("int4 2:4 weights (bits=4, group 128), where a GPU kernel serves them (else skipped, with the reason)"
+           if w4a16 is None else f"skipped: {w4a16}"),
         f"                    compress {COMPRESS_SHAPE[0]}x{COMPRESS_SHAPE[1]} fp16 against w.clone(): native and "
         "Triton (packed, cutlass), cuSPARSELt",
         " 6. summary          summary.json and summary.md",
@@ -185,7 +186,7 @@ class StepResult:
 def exit_code(steps: list[StepResult]) -> int:
     by_name = {s.name: s for s in steps}
     env = by_name.get("env")
-    if env is not None and env.status == FAILED and not env.detail.get("gpus"):
+    if env is not None and env.detail.get("no_gpu"):
         return EXIT_NO_GPU
     if (env is not None and env.status == FAILED) or by_name.get("build", StepResult("", 0)).status == FAILED:
         return EXIT_BUILD
@@ -341,10 +342,10 @@ def _run_worker(name: str, python: str, out_dir: Path, step: StepResult, by_path
 def step_env(python: str, out_dir: Path, step: StepResult) -> dict:
     records = _run_worker("env", python, out_dir, step, by_path=True)
     env = records[0] if records else {}
-    step.detail = {"gpus": env.get("gpus", [])}
+    step.detail = {"gpus": env.get("gpus", []), "no_gpu": bool(records) and not env.get("gpus")}
     if step.status != NOT_RUN:
         return env
-    if not env.get("gpus"):
+    if step.detail["no_gpu"]:
         step.status = FAILED
         step.summary = (f"no CUDA GPU is visible (torch {env.get('torch')}, CUDA build {env.get('torch_cuda')}, "
                         f"torch.cuda.is_available() is False): run it on a GPU server")
@@ -389,8 +390,11 @@ def step_build(python: str, out_dir: Path, step: StepResult, env_report: dict, m
         step.status, step.summary = FAILED, f"the build failed (exit {rc}): {_tail(out_dir / 'build.log', 800)}"
         return
     start = time.monotonic()
-    check = subprocess.run([python, "-c", _IMPORT_CHECK], cwd=REPO, capture_output=True, text=True,
-                           timeout=max(10, step.budget_s - step.seconds))
+    try:
+        check = subprocess.run([python, "-c", _IMPORT_CHECK], cwd=REPO, capture_output=True, text=True,
+                               timeout=max(10, step.budget_s - step.seconds))
+    except subprocess.TimeoutExpired:
+        check = subprocess.CompletedProcess([], 1, "", "importing the package ran past the build's budget")
     step.seconds += time.monotonic() - start
     loaded = json.loads(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else None
     if loaded is None or loaded["why"] or not loaded["cuda_kernels"] or loaded["cusparselt"]:
@@ -450,23 +454,24 @@ def step_algorithms(python: str, out_dir: Path, step: StepResult) -> None:
     records = _run_worker("algorithms", python, out_dir, step)
     cases = [r for r in records if r["kind"] == "case"]
     end = next((r for r in records if r["kind"] == "end"), None)
+    first_wrong = {}  # (dtype, id) -> where it was first wrong
+    for case in cases:
+        for alg_id, why in case["wrong"].items():
+            first_wrong.setdefault((case["dtype"], alg_id), why)
+    excluded = end["excluded"] if end else {}
     step.detail = {"cases": cases, "skipped": [r["why"] for r in records if r["kind"] == "skipped"],
-                   "excluded": end["excluded"] if end else {}, "exclusion_file": end and end.get("exclusion_file"),
+                   "excluded": excluded, "exclusion_file": end and end.get("exclusion_file"),
                    "wrong": [f"cuSPARSELt {dtype} algorithm {alg_id}: {why}"
-                             for dtype, ids in (end["excluded"] if end else {}).items() for alg_id, why in ids.items()
-                             if not why.startswith("known")]}
-    if step.status != NOT_RUN:
-        return
-    if end is None or not end["complete"]:
-        step.status = TIMED_OUT
-        step.summary = f"checked {len(cases)} cases before its {step.budget_s} s budget ran out; nothing excluded"
-        return
+                             for (dtype, alg_id), why in first_wrong.items()]}
+    named = "; ".join(f"{dtype} {', '.join(sorted(ids, key=int))}" for dtype, ids in excluded.items() if ids)
     runs = sum(c["runs"] for c in cases)
-    excluded = {dtype: sorted(ids, key=int) for dtype, ids in end["excluded"].items() if ids}
-    step.status = FAILED if step.detail["wrong"] else PASSED
-    named = "; ".join(f"{dtype} {', '.join(ids)}" for dtype, ids in excluded.items())
-    step.summary = (f"{runs} runs over {len(cases)} cases; "
-                    + (f"excluded from tuning: {named}" if excluded else "every algorithm id is right"))
+    if step.status == NOT_RUN:
+        complete = end is not None and end["complete"]
+        step.status = FAILED if first_wrong else PASSED if complete else TIMED_OUT
+        step.summary = f"{runs} runs over {len(cases)} cases" + ("" if complete else " before the budget ran out")
+    if first_wrong and not named:
+        step.summary += f"; wrong, not yet excluded: {', '.join(f'{d} {i}' for d, i in first_wrong)}"
+    step.summary += f"; excluded from tuning: {named}" if named else ("" if first_wrong else "; no wrong algorithm id")
 
 
 def step_bench(python: str, out_dir: Path, step: StepResult) -> None:
@@ -762,16 +767,16 @@ def worker_algorithms(record: Recorder) -> None:
             record(kind="skipped", why=f"{name}: {'; '.join(why)}")
         else:
             dtypes.append(name)
-    excluded = check_algorithms(GpuAlgorithmRunner(), algorithm_cases(dtypes), record, capability)
-    if excluded is None:
-        record(kind="end", complete=False, excluded={})
-        return
-    gpu = torch.cuda.get_device_name()
-    keys = {cusparselt.exclusion_key(gpu, version, getattr(torch, dtype)): ids for dtype, ids in excluded.items()}
-    path = cusparselt.exclusions_path()
-    write_exclusions(path, keys, datetime.datetime.now().isoformat(timespec="seconds"))
-    record(kind="end", complete=True, exclusion_file=str(path),
-           excluded={dtype: {str(i): why for i, why in ids.items()} for dtype, ids in excluded.items()})
+    gpu, path, runner = torch.cuda.get_device_name(), cusparselt.exclusions_path(), GpuAlgorithmRunner()
+    excluded = {}
+    for dtype in dtypes:  # each dtype's verdict is written as soon as all its cases ran
+        found = check_algorithms(runner, algorithm_cases((dtype,)), record, capability)
+        if found is None:
+            break
+        write_exclusions(path, {cusparselt.exclusion_key(gpu, version, getattr(torch, dtype)): found[dtype]},
+                         datetime.datetime.now().isoformat(timespec="seconds"))
+        excluded[dtype] = {str(i): why for i, why in found[dtype].items()}
+    record(kind="end", complete=len(excluded) == len(dtypes), exclusion_file=str(path), excluded=excluded)
 
 
 # ---- benchmarks
@@ -843,14 +848,19 @@ def bench_w4a16(record: Recorder) -> bool:
     import nxm_kernels as nxm
     from benchmarks import cases
 
+    shape = BENCH_SHAPES["decoder-8b.attn-qo"]
+    w = cases.weight(shape, torch.float16, "cuda")
     why = w4a16_blocker()
+    if why is None:
+        try:  # the API may exist before a GPU kernel for it does
+            sw = nxm.compress(w, "2:4", bits=4, group_size=128)
+            dense_w = nxm.decompress(sw)
+            nxm.sparse_mm(cases.activations(1, shape[1], torch.float16, "cuda"), sw)
+        except (nxm.BackendNotSupported, NotImplementedError, TypeError, ValueError) as error:
+            why = f"int4 2:4 weights do not run on this GPU yet: {error}"
     if why is not None:
         record(kind="w4a16", rows=None, why=why)
         return True
-    shape = BENCH_SHAPES["decoder-8b.attn-qo"]
-    w = cases.weight(shape, torch.float16, "cuda")
-    sw = nxm.compress(w, "2:4", bits=4, group_size=128)
-    dense_w = nxm.decompress(sw)
     rows, wrong = [], []
     for m in W4A16_M:
         if record.time_left() <= 0:
