@@ -148,6 +148,19 @@ def test_every_method_ends_exactly_on_the_pattern_deterministically(method, patt
     assert torch.equal(weights[0], weights[1])
 
 
+@pytest.mark.parametrize("pattern", ["2:4t", "8:4x4", "4x4{f0f0,0f0f}"])
+def test_other_pattern_kinds(pattern):
+    calibration = correlated_inputs(256, 32, seed=8).split(64)
+    errors = {}
+    for method in ("magnitude", "wanda", "admm"):
+        model = layer()
+        errors[method] = prune(model, pattern, method=method, calibration=calibration, progress=False).mean_error
+        assert nxm.is_nm_sparse(model[0].weight.detach(), pattern)
+    assert errors["admm"] < errors["wanda"] < errors["magnitude"]
+    with pytest.raises(ValueError, match="knows the row n:m kind only.*use the admm or wanda method"):
+        prune(layer(), pattern, method="sparsegpt", calibration=calibration, progress=False)
+
+
 class Block(nn.Module):
     """A residual block whose forward takes a keyword argument from the model."""
 

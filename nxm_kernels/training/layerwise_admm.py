@@ -136,11 +136,11 @@ def admm(
     for t in range(iterations):
         v = w + u
         if t < ramp:
-            winners = ops.nm_mask(v, pattern)
+            winners = ops.nm_mask(v, pattern, scores=v.square())  # the Euclidean projection, for every kind
             share = 1.0 - float(winners.sum()) / winners.numel()
             mask = ramp_mask(v, winners, ramp_share(t, ramp, share))
         elif mask is None:
-            mask = ops.nm_mask(v, pattern)
+            mask = ops.nm_mask(v, pattern, scores=v.square())
         z = v * mask
         u = v - z  # u + w - z
         w = torch.cholesky_solve((target + rho * (z - u)).T, factor).T
