@@ -180,7 +180,6 @@ def save(model: nn.Module, path: str | os.PathLike, info: dict | None = None) ->
     """
     from safetensors.torch import save_file
 
-
     layers = {name: _layer_header(m) for name, m in model.named_modules() if isinstance(m, SparseLinear)}
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     storages: dict[int, int] = {}
