@@ -205,6 +205,8 @@ setup(
         "checkpoint": ["safetensors"],
         # CUDA kernels compiled at run time when _C has none; the CuPy build must match torch's CUDA major.
         "cupy": ["cupy-cuda13x"],
+        # nxm_kernels.integrations.hf: the Trainer callback.
+        "hf": ["transformers", "accelerate"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "safetensors", "numpy"],
     },
     entry_points={"console_scripts": ["nxm = nxm_kernels.cli:main"]},

@@ -1,0 +1,2 @@
+"""Integrations with training frameworks. Each module imports its framework, so install the
+matching extra first: :mod:`.hf` needs ``pip install nxm-kernels[hf]``."""
