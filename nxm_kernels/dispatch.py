@@ -38,6 +38,8 @@ class Support:
     dtypes: tuple[torch.dtype, ...] | None = None  # of the weight (or x for sparse_mm)
     devices: tuple[str, ...] | None = None  # device types
     patterns: tuple[str, ...] | None = None  # "n:m"
+    # pattern kinds (``PatternKind.kind``) of the call's pattern, or of the weight's stored form
+    kinds: tuple[str, ...] | None = ("row",)
     advice: str = ""  # what to do instead, added after the reasons
 
     def reasons(self, layout, dtype, device, pattern) -> list[str]:
@@ -49,6 +51,8 @@ class Support:
             why.append(f"handles {_names(self.dtypes)}, not {str(dtype).removeprefix('torch.')}")
         if self.devices is not None and device is not None and device.type not in self.devices:
             why.append(f"runs on {'/'.join(self.devices)} tensors, not on {device.type}")
+        if self.kinds is not None and pattern is not None and pattern.kind not in self.kinds:
+            why.append(f"handles {'/'.join(self.kinds)} patterns, not the {pattern.kind} pattern {pattern}")
         if self.patterns is not None and pattern is not None and str(pattern) not in self.patterns:
             why.append(f"handles pattern(s) {_names(self.patterns)}, not {pattern}")
         return why + [self.advice] if why and self.advice else why

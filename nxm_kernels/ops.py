@@ -10,7 +10,7 @@ import torch
 
 from . import _ops, dispatch, reference  # noqa: F401  (_ops: the schemas of the ops below)
 from .layouts import Layout, NMSparseWeight, get_layout
-from .pattern import Pattern, PatternLike, as_pattern, check_groups
+from .pattern import PatternLike, as_pattern, check_groups
 
 SELECT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8)
 
@@ -56,7 +56,7 @@ def nm_mask(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str 
     ``scores``), ties to the lowest flat index (a library: the lowest mask number)."""
     pattern = as_pattern(pattern)
     _check_selection_inputs(w, pattern, scores)
-    return _select("nm_mask", backend, w, pattern, scores)
+    return dispatch.run("nm_mask", backend, w=w, pattern=pattern, scores=scores)  # Support.kinds: who selects it
 
 
 def project(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str | None = None) -> torch.Tensor:
@@ -64,20 +64,7 @@ def project(w: torch.Tensor, pattern: PatternLike, scores=None, *, backend: str 
     onto the N:M set when ``scores`` is None."""
     pattern = as_pattern(pattern)
     _check_selection_inputs(w, pattern, scores)
-    return _select("project", backend, w, pattern, scores)
-
-
-def _select(op: str, backend, w, pattern, scores) -> torch.Tensor:
-    """Row N:M runs on the dispatched kernels; the block kinds on their own exact search."""
-    if isinstance(pattern, Pattern):
-        return dispatch.run(op, backend, w=w, pattern=pattern, scores=scores)
-    if backend not in (None, "auto", "reference"):
-        raise dispatch.BackendNotSupported(
-            f"backend {backend!r} selects row N:M patterns only; pattern {pattern} is selected by its own "
-            "exact search: leave backend unset"
-        )
-    mask = pattern.mask(w, scores)
-    return mask if op == "nm_mask" else torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    return dispatch.run("project", backend, w=w, pattern=pattern, scores=scores)
 
 
 def is_nm_sparse(z: torch.Tensor, pattern: PatternLike) -> bool:
@@ -96,9 +83,6 @@ def compress(
     pattern = as_pattern(pattern)
     layout = get_layout(layout)
     _check_selection_inputs(w, pattern, scores)
-    if not isinstance(pattern, Pattern):
-        raise ValueError(f"layout {layout.name!r} stores row n:m weights, not pattern {pattern}: "
-                         "project to the pattern (nxm.project) and keep the dense weight")
     layout.check(w.dtype, w.shape, pattern)
     values, metadata = dispatch.run("compress", backend, w=w, pattern=pattern, layout=layout, scores=scores)
     return NMSparseWeight(values, metadata, tuple(w.shape), pattern, layout, check_metadata=False)

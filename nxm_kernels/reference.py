@@ -56,8 +56,8 @@ def nm_mask(w: torch.Tensor, pattern: Pattern, scores: torch.Tensor | None = Non
 
 
 def project(w: torch.Tensor, pattern: Pattern, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """Euclidean projection onto the N:M set (for ``scores=None``). Dropped values are +0."""
-    return torch.where(nm_mask(w, pattern, scores), w, torch.zeros((), dtype=w.dtype, device=w.device))
+    """Euclidean projection onto the pattern (for ``scores=None``), any kind. Dropped values are +0."""
+    return torch.where(pattern.mask(w, scores), w, torch.zeros((), dtype=w.dtype, device=w.device))
 
 
 def is_nm_sparse(z: torch.Tensor, pattern: Pattern) -> bool:

@@ -201,9 +201,13 @@ def test_refusals_name_the_fix(text, message):
         as_pattern(text)
 
 
-def test_block_kinds_refuse_an_explicit_row_backend():
-    with pytest.raises(nxm.BackendNotSupported, match="selects row N:M patterns only"):
-        nxm.nm_mask(torch.randn(4, 4), "2:4t", backend="native")
+@pytest.mark.parametrize("text", ["2:4t", "8:4x4", "2x2{9,6}"])
+def test_block_kinds_refuse_an_explicit_row_backend(text):
+    # Backends declare the kinds they select (Support.kinds): the reason names the kind.
+    kind = as_pattern(text).kind
+    with pytest.raises(nxm.BackendNotSupported, match=f"handles row patterns, not the {kind} pattern"):
+        nxm.nm_mask(torch.randn(4, 4), text, backend="native")
+    assert torch.equal(nxm.nm_mask(torch.randn(4, 4), text, backend="reference").sum(-1).sum(), torch.tensor(8))
 
 
 # ------------------------------------------------------------------ training with every kind

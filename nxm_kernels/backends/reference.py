@@ -9,14 +9,14 @@ from ..dispatch import Backend, Support, call_facts
 
 class ReferenceBackend(Backend):
     name = "reference"
-    supports = {op: Support() for op in dispatch.OPS}
+    supports = {op: Support(kinds=None) for op in dispatch.OPS}
 
     def extra_reasons(self, op, **inputs):
         layout = call_facts(inputs)[0]
         return layout.reference_reasons() if layout is not None else []
 
     def nm_mask(self, w, pattern, scores):
-        return reference.nm_mask(w, pattern, scores)
+        return pattern.mask(w, scores)  # every kind's own reference selection
 
     def project(self, w, pattern, scores):
         return reference.project(w, pattern, scores)

@@ -48,6 +48,8 @@ class Layout:
     # The tensors a weight in this layout is made of: NMSparseWeight's fields, SparseLinear's
     # buffers and a checkpoint's tensors per layer.
     tensor_names: tuple = ("values", "metadata")
+    # The pattern kinds (``PatternKind.kind``) it holds.
+    kinds: tuple = ("row",)
 
     # ---------------------------------------------------------------- what it holds
 
@@ -61,9 +63,19 @@ class Layout:
         return [f"layout {self.name!r} cannot hold dtype {dtype}: use one of "
                 f"{', '.join(str(d) for d in self.value_dtypes)} (convert the weight first)"]
 
+    def kind_reasons(self, pattern) -> list[str]:
+        """Why this layout cannot hold ``pattern``'s kind, with the layouts that can."""
+        if pattern.kind in self.kinds:
+            return []
+        from .registry import registered_layouts
+
+        can = [repr(layout.name) for layout in registered_layouts() if pattern.kind in layout.kinds]
+        return [f"layout {self.name!r} holds {'/'.join(self.kinds)} patterns, not the {pattern.kind} pattern "
+                f"{pattern}" + (f": use layout {' or '.join(can)}" if can else "")]
+
     def not_supported_reasons(self, dtype: torch.dtype, shape, pattern: Pattern) -> list[str]:
         """Why this layout cannot hold a ``dtype`` weight of ``shape`` in ``pattern`` (empty: it can)."""
-        why = self.dtype_reasons(dtype)
+        why = self.dtype_reasons(dtype) + self.kind_reasons(pattern)
         if len(shape) != 2:
             return why + [f"compressed weights are 2-D [out_features, in_features], got shape {tuple(shape)}"]
         try:

@@ -33,6 +33,20 @@ class PatternKind:
     #: The text form, for messages: "'n:m' (keep n of every m), e.g. '2:4'".
     form: str
 
+    #: The kind's name, which backends and layouts list in what they serve ("row", "block", ...).
+    kind: str
+
+    @property
+    def row_form(self):
+        """The row n:m pattern every row of a weight in this kind satisfies and row layouts store
+        (itself for row n:m), or None when rows alone cannot hold the kind."""
+        return None
+
+    @property
+    def kept_per_block(self) -> int:
+        """Entries every block keeps."""
+        raise NotImplementedError
+
     @classmethod
     def from_text(cls, text: str):
         """The pattern written as ``text``, or None when ``text`` is not in this kind's form."""

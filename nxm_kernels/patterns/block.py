@@ -37,6 +37,7 @@ class BlockPattern(PatternKind):
             )
 
     form = "'k:RxC' (keep k of every R x C block), e.g. '8:4x4'"
+    kind = "block"
 
     @classmethod
     def from_text(cls, text: str):
@@ -50,6 +51,10 @@ class BlockPattern(PatternKind):
     @property
     def kept_fraction(self) -> float:
         return self.k / (self.rows * self.cols)
+
+    @property
+    def kept_per_block(self) -> int:
+        return self.k
 
     def mask(self, w: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         from ..reference import selection_keys  # exact keys (|w| as integers, or float scores)

@@ -61,6 +61,7 @@ class LibraryPattern(PatternKind):
         return cls(int(masks.shape[1]), int(masks.shape[2]), codes)
 
     form = "'RxC{hex masks}' (a library of R x C block masks), e.g. '2x2{9,6}'"
+    kind = "library"
 
     @classmethod
     def from_text(cls, text: str):
@@ -82,6 +83,10 @@ class LibraryPattern(PatternKind):
     @property
     def kept_fraction(self) -> float:
         return self.kept / (self.rows * self.cols)
+
+    @property
+    def kept_per_block(self) -> int:
+        return self.kept
 
     @property
     def masks(self) -> torch.Tensor:

@@ -36,6 +36,7 @@ class Pattern(PatternKind):
             )
 
     form = "'n:m' (keep n of every m), e.g. '2:4'"
+    kind = "row"
 
     @classmethod
     def from_text(cls, text: str):
@@ -57,6 +58,14 @@ class Pattern(PatternKind):
     @property
     def kept_fraction(self) -> float:
         return self.n / self.m
+
+    @property
+    def row_form(self) -> "Pattern":
+        return self
+
+    @property
+    def kept_per_block(self) -> int:
+        return self.n
 
     @property
     def index_bits(self) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import PatternKind, block_integers, linear_scores, mask_numbers, select_blocks, to_blocks
-from .row import MAX_GROUP
+from .row import MAX_GROUP, Pattern
 
 MAX_MASKS = 4096
 
@@ -81,6 +81,7 @@ class TransposablePattern(PatternKind):
             )
 
     form = "'n:mt' (every m x m block n:m along rows and columns), e.g. '2:4t'"
+    kind = "transposable"
 
     @classmethod
     def from_text(cls, text: str):
@@ -94,6 +95,15 @@ class TransposablePattern(PatternKind):
     @property
     def kept_fraction(self) -> float:
         return self.n / self.m
+
+    @property
+    def row_form(self) -> Pattern:
+        """Rows of W, and of W^T, are row n:m: row layouts store both (``NMSparseWeight.transposed``)."""
+        return Pattern(self.n, self.m)
+
+    @property
+    def kept_per_block(self) -> int:
+        return self.n * self.m
 
     @property
     def index_bits(self) -> int:
