@@ -50,6 +50,7 @@ from ._version import __version__
 from .layouts import NMSparseWeight
 from .nn import FLOAT_DTYPES, SparseLinear
 from .nn.policy import stored_layouts
+from .nn.torch_layers import prepare_parents
 from .pattern import as_pattern
 
 FORMAT = "nxm-kernels"
@@ -153,6 +154,12 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _write_atomically(path, write) -> None:
     """``write(file)`` into a temporary folder beside ``path``, then put the file in place in one
     step: fsync it, rename it over ``path``, fsync the folder. Any exception removes the temporary
@@ -164,6 +171,8 @@ def _write_atomically(path, write) -> None:
     try:
         staged = os.path.join(staging, name)
         write(staged)
+        # The writer makes a private (0600) file: give it the mode any new file gets here.
+        os.chmod(staged, 0o666 & ~_umask())
         _fsync(staged)
         os.replace(staged, path)
     finally:
@@ -459,4 +468,5 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, verify: boo
         parent = model.get_submodule(parent_name)
         layer.train(getattr(parent, child).training)
         setattr(parent, child, layer.to(device=device, dtype=dtype))
+    prepare_parents(model)  # PyTorch Transformer layers must call their sparse children as modules
     return model

@@ -393,6 +393,17 @@ def test_a_save_that_raises_leaves_the_previous_file_and_no_temporary(saved, mon
     nxm.load(path, build_model())
 
 
+def test_a_saved_file_gets_the_mode_of_any_new_file(saved, tmp_path):
+    """The staged file is private while written; the saved one follows the umask, like open()."""
+    model, _ = saved
+    old = os.umask(0o027)
+    try:
+        nxm.save(model, tmp_path / "shared.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.safetensors").stat().st_mode & 0o777 == 0o640
+
+
 def writing(path) -> bool:
     """Whether a save to ``path`` has begun writing bytes into its temporary folder."""
     for staged in path.parent.glob(f".{path.name}.*.tmp/*"):

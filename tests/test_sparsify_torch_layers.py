@@ -131,3 +131,17 @@ def test_attention_that_the_sparse_path_does_not_implement_stays_dense():
     report = nxm.sparsify(model)
     assert list(report.converted) == ["b"]
     assert "add_bias_kv or add_zero_attn" in report.skipped["a.out_proj"]
+
+
+def test_sparsified_encoder_saved_and_loaded_into_a_fresh_dense_model_runs_the_same(tmp_path):
+    """``nxm.load`` swaps the layers in, then makes their Transformer parents call them as modules
+    (without that the fused eval path reads a ``.weight`` a SparseLinear does not have)."""
+    torch.manual_seed(0)
+    model = EncoderWithHead().eval()
+    sparse = nxm.sparsify(model, inplace=False).model
+    nxm.save(sparse, tmp_path / "encoder.safetensors")
+    loaded = nxm.load(tmp_path / "encoder.safetensors", EncoderWithHead().eval())
+    assert isinstance(loaded.encoder.layers[0].self_attn, SparseOutProjAttention)
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), sparse(x), rtol=0, atol=0)
