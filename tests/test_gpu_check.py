@@ -91,6 +91,10 @@ def test_make_target_uses_the_given_python_and_installs_nothing():
     assert ".venv" not in out and "pip" not in out and "torch" not in out
 
 
+def test_the_check_covers_the_split_k_values_tune_tries():
+    assert gpu_check.SPLIT_K == cusparselt.TUNE_SPLIT_K
+
+
 def test_bench_shapes_are_the_benchmark_suites():
     from benchmarks import cases
 
