@@ -1,7 +1,7 @@
 """Layouts: how a compressed N:M weight sits in memory, one module per layout.
 
-``packed`` (any n:m), ``cutlass`` (Sparse Tensor Cores) and ``cusparselt`` (cuSPARSELt's opaque
-buffer, made on a GPU). Each is a :class:`Layout` object registered by name; the API takes
+``packed`` (any n:m), ``cutlass`` (Sparse Tensor Cores), ``cusparselt`` (cuSPARSELt's opaque
+buffer, made on a GPU) and ``block`` (k-of-RxC blocks and mask libraries). Each is a :class:`Layout` object registered by name; the API takes
 ``layout="cutlass"`` and resolves it once with :func:`get_layout`. A new layout is one module that
 subclasses :class:`Layout`, plus ``register_layout(MyLayout())``.
 """
@@ -12,8 +12,10 @@ from .weight import NMSparseWeight
 from .packed import PACKED
 from .cutlass import CUTLASS
 from .cusparselt import CUSPARSELT
+from .block import BLOCK
 
 __all__ = [
+    "BLOCK",
     "CUSPARSELT",
     "CUTLASS",
     "LAYOUTS",

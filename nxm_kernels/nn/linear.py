@@ -214,6 +214,8 @@ class SparseLinear(nn.Module):
     def _make_backend_form(self) -> NMSparseWeight | None:
         dtype, device, backend = self.values.dtype, self.values.device, _backend_arg(self.backend)
         for layout in derived_layouts():
+            if layout.kind_reasons(self.pattern):
+                continue
             shape = layout.padded_shape(self.out_features, self.in_features, self.pattern, dtype)
             try:
                 layout.check(dtype, shape, self.pattern)

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch, ops
-from ..layouts import CUTLASS, PACKED, Layout, NMSparseWeight, get_layout, registered_layouts
+from ..layouts import BLOCK, CUTLASS, PACKED, Layout, NMSparseWeight, get_layout, registered_layouts
 from ..layouts.base import round_up as _round_up
 from ..pattern import Pattern
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The layouts default_layout tries, in order: the Sparse Tensor Core layout where it fits as is,
-# else packed (which holds any n:m).
-DEFAULT_LAYOUTS = (CUTLASS, PACKED)
+# else packed (which holds any n:m), else block (k-of-RxC blocks and libraries).
+DEFAULT_LAYOUTS = (CUTLASS, PACKED, BLOCK)
 
 
 def stored_layouts() -> tuple[Layout, ...]:
@@ -41,7 +41,8 @@ def default_layout(dtype: torch.dtype, pattern: Pattern, out_features: int, in_f
     for layout in DEFAULT_LAYOUTS:
         if not layout.not_supported_reasons(dtype, (out_features, in_features), pattern):
             return layout.name
-    return DEFAULT_LAYOUTS[-1].name
+    # A shape that needs padding: the first general layout that holds the pattern's kind.
+    return next(layout.name for layout in DEFAULT_LAYOUTS[1:] if not layout.kind_reasons(pattern))
 
 
 def padded_shape(out_features: int, in_features: int, pattern: Pattern, layout: str | Layout, dtype: torch.dtype):
@@ -131,11 +132,10 @@ def _checked_mask(mask, w: torch.Tensor, pattern: Pattern) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.shape != w.shape:
         raise ValueError(f"mask must be a tensor of the weight's shape {tuple(w.shape)}")
     mask = mask.to(device=w.device, dtype=torch.bool)
-    groups = _pad(mask, (mask.shape[0], _round_up(mask.shape[1], pattern.m)), False).reshape(-1, pattern.m)
-    too_many = groups.sum(-1) > pattern.n
-    if too_many.any():
+    rows, cols = pattern.block
+    if not pattern.is_valid(_pad(mask, (_round_up(mask.shape[0], rows), _round_up(mask.shape[1], cols)), False)):
         raise ValueError(
-            f"mask keeps more than {pattern.n} of {pattern.m} in {int(too_many.sum())} group(s): "
+            f"mask keeps more than pattern {pattern} allows in some {rows}x{cols} block: "
             f"it is not a {pattern} mask (make one with nxm.nm_mask)"
         )
     return mask
