@@ -114,9 +114,8 @@ class Layout:
     def validate(self, values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern,
                  check_metadata: bool = True) -> None:
         """Raise (TypeError/ValueError) unless the tensors form a valid weight of this layout."""
-        self.check(values.dtype, shape, pattern)
         tensors = {"values": values, "metadata": metadata}
-        for name, spec in self.storage(values.dtype, shape, pattern).items():
+        for name, spec in self._checked_storage(values.dtype, tuple(shape), pattern).items():
             tensor = tensors[name]
             if spec.shape is None:
                 self.check_tensor(name, tensor, shape, pattern)
@@ -130,6 +129,19 @@ class Layout:
             raise ValueError(f"values are on {values.device} but metadata on {metadata.device}: move both")
         if check_metadata:
             self.check_metadata(values, metadata, shape, pattern)
+
+    def _checked_storage(self, dtype, shape: tuple, pattern: Pattern) -> dict[str, TensorSpec]:
+        """:meth:`check`, then :meth:`storage`; remembered per (dtype, shape, pattern), as a module
+        rebuilds its weight from its buffers at every call."""
+        cache = self.__dict__.setdefault("_storage_cache", {})
+        key = (dtype, shape, pattern)
+        specs = cache.get(key)
+        if specs is None:
+            self.check(dtype, shape, pattern)
+            specs = self.storage(dtype, shape, pattern)
+            if len(cache) < 4096:
+                cache[key] = specs
+        return specs
 
     def check_metadata(self, values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern) -> None:
         """Raise ValueError on any index a kernel must not trust (out of range, repeated, ...)."""
