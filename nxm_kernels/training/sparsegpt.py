@@ -72,23 +72,22 @@ def sparsegpt(
             f"hessian must be [{columns}, {columns}] for a weight {tuple(weight.shape)}, got {tuple(hessian.shape)}"
         )
     u, dead = inverse_hessian_factor(hessian, damp)
-    w = weight.to(hessian.dtype).clone()
-    w[:, dead] = 0
+    # Transposed, [in, out]: the sweep reads and updates whole columns of W, contiguous here.
+    wt = weight.to(hessian.dtype).T.contiguous()
+    wt[dead] = 0
     block = max(group, block_size // group * group)
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        w_block, u_block = w[:, start:end], u[start:end, start:end]
+        w_block, u_block = wt[start:end], u[start:end, start:end]
         errors = torch.empty_like(w_block)
-        keep = torch.empty(w_block.shape, dtype=torch.bool, device=w.device)
         for i in range(end - start):
             if i % group == 0:
-                values = w_block[:, i : i + group]
+                values = w_block[i : i + group].T
                 scores = values.pow(2) / u_block.diagonal()[i : i + group].pow(2)
-                keep[:, i : i + group] = ops.nm_mask(values.contiguous(), pattern, scores=scores)
-            column = w_block[:, i]
-            pruned = torch.where(keep[:, i], torch.zeros_like(column), column)
-            errors[:, i] = pruned / u_block[i, i]
-            w_block[:, i:].addr_(errors[:, i], u_block[i, i:], alpha=-1)
-            w_block[:, i].masked_fill_(~keep[:, i], 0)  # exactly zero, whatever the rounding
-        w[:, end:].addmm_(errors, u[start:end, end:], alpha=-1)
-    return w
+                pruned = ~ops.nm_mask(values.contiguous(), pattern, scores=scores.contiguous()).T
+            column = w_block[i]
+            torch.mul(column, pruned[i % group], out=errors[i]).div_(u_block[i, i])
+            w_block[i:].addr_(u_block[i, i:], errors[i], alpha=-1)
+            column.masked_fill_(pruned[i % group], 0)  # exactly zero, whatever the rounding
+        wt[end:].addmm_(u[start:end, end:].T, errors, alpha=-1)
+    return wt.T.contiguous()
