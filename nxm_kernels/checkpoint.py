@@ -43,7 +43,6 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 from torch import nn
 
 from ._version import __version__
@@ -118,6 +117,18 @@ def _layer_header(layer: SparseLinear) -> dict:
     }
 
 
+def _xxh3(data) -> str:
+    # Imported on use: a GPU server's environment without xxhash still imports the package and
+    # runs everything but checkpoints, and this says what to install.
+    try:
+        import xxhash
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            "nxm checkpoints need the xxhash package for their checksums: pip install 'xxhash>=2'"
+        ) from None
+    return xxhash.xxh3_64_hexdigest(data)
+
+
 def _dtype_name(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
@@ -126,7 +137,7 @@ def _digest(tensor: torch.Tensor) -> str:
     """Digest of a CPU tensor's bytes, read in place (no copy, and no numpy, which torch does not require)."""
     tensor = tensor.contiguous()
     in_place = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
-    return xxhash.xxh3_64_hexdigest(in_place)
+    return _xxh3(in_place)
 
 
 def _canonical_header(header: dict) -> bytes:
@@ -142,7 +153,7 @@ def _seal(header: dict, tensors: dict[str, torch.Tensor]) -> dict:
         name: {"dtype": _dtype_name(t), "shape": list(t.shape), "digest": _digest(t)} for name, t in tensors.items()
     }
     sealed = {**header, "checksums": {"algorithm": DIGEST_ALGORITHM, "tensors": entries}}
-    sealed["checksums"]["header"] = xxhash.xxh3_64_hexdigest(_canonical_header(sealed))
+    sealed["checksums"]["header"] = _xxh3(_canonical_header(sealed))
     return sealed
 
 
@@ -282,7 +293,7 @@ def _verify(path, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         raise corrupt("the nxm header has no valid 'checksums' entry, which format version 2 requires")
     if checksums.get("algorithm") != DIGEST_ALGORITHM:
         raise corrupt(f"checksum algorithm {checksums.get('algorithm')!r} is not {DIGEST_ALGORITHM!r}")
-    if xxhash.xxh3_64_hexdigest(_canonical_header(header)) != checksums["header"]:
+    if _xxh3(_canonical_header(header)) != checksums["header"]:
         raise corrupt("the nxm header does not match its checksum")
     recorded = checksums["tensors"]
     for name in sorted(set(tensors) | set(recorded)):

@@ -302,7 +302,9 @@ def cmd_backends(args) -> int:
         print(f"  {name.ljust(width)}  {'available' if why is None else 'unavailable: ' + why}")
     env = os.environ.get("NXM_BACKEND")
     print(f"NXM_BACKEND={env} (overrides 'auto')" if env else "NXM_BACKEND is not set: calls use 'auto'")
-    if available.get("native") is None:
+    from . import _extension
+
+    if _extension.unavailable_reason() is None:  # the CPU GEMM lives in _C (CuPy alone serves CUDA only)
         import torch
 
         forced = os.environ.get("NXM_CPU_ISA")

@@ -444,3 +444,16 @@ def test_a_killed_save_leaves_the_previous_file(saved):
         assert nxm.load(path).tensors["big"].shape == (64 << 20,)
     leftovers = [p for p in os.listdir(path.parent) if p != path.name]
     assert all(p.startswith(f".{path.name}.") and p.endswith(".tmp") for p in leftovers) and len(leftovers) <= 1
+
+
+def test_without_xxhash_the_package_imports_and_a_save_says_what_to_install(tmp_path):
+    """A GPU server's own environment may lack xxhash: only checkpoints need it."""
+    code = (
+        "import sys; sys.modules['xxhash'] = None\n"
+        "import torch, nxm_kernels as nxm\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(8, 8)); nxm.sparsify(model, include='0')\n"
+        f"try:\n    nxm.save(model, {str(tmp_path / 'm.safetensors')!r})\n"
+        "except ModuleNotFoundError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'xxhash>=2'" in out
