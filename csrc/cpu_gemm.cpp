@@ -81,6 +81,22 @@ cpu_gemm::Dtype gemm_dtype(at::ScalarType t) {
   }
 }
 
+// Kept value s of a weight row as fp32: the value, or its code times its scale rounded to fp32 (the
+// reference's dequantization). `column` is its column in the dense weight.
+template <typename Value>
+float weight_at(const cpu_gemm::Args& a, int64_t row, int64_t kept, int64_t s, int64_t column) {
+  if (a.code_bits == 0) return float(static_cast<const Value*>(a.values)[row * kept + s]);
+  int code;
+  if (a.code_bits == 8) {
+    code = static_cast<const int8_t*>(a.values)[row * kept + s];
+  } else {  // two per byte, low nibble first, 4-bit two's complement
+    const uint8_t byte = static_cast<const uint8_t*>(a.values)[row * ((kept + 1) / 2) + s / 2];
+    code = (int((s % 2 ? byte >> 4 : byte) & 0xF) ^ 8) - 8;
+  }
+  const int64_t group = a.group_size > 0 ? column / a.group_size : 0;
+  return float(code) * a.scales[row * a.scale_stride + group];
+}
+
 // Any n:m: each weight row's indices decoded once into columns, its values into fp32, then one dot
 // product per row of x.
 template <typename Value>
@@ -91,7 +107,6 @@ void gemm_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t
   std::vector<int64_t> columns(kept);
   std::vector<float> w(kept);
   for (int64_t row = begin; row < end; ++row) {
-    const Value* values = static_cast<const Value*>(a.values) + row * kept;
     const uint8_t* meta = a.meta + row * a.meta_stride;
     uint32_t pending = 0;
     int pending_bits = 0;
@@ -107,7 +122,7 @@ void gemm_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t
       // decompress_packed; it never reads outside x.
       const bool valid = index < uint32_t(m);
       columns[s] = s / n * m + (valid ? index : 0);
-      w[s] = valid ? float(values[s]) : 0.0f;
+      w[s] = valid ? weight_at<Value>(a, row, kept, s, columns[s]) : 0.0f;
     }
     const float b = a.bias ? a.bias[row] : 0.0f;
     for (int64_t i = 0; i < a.m_rows; ++i) {
@@ -133,15 +148,13 @@ void run_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t 
   }
 }
 
-at::Tensor sparse_mm_packed_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
-                                const std::optional<at::Tensor>& bias, int64_t n, int64_t m) {
-  const char* op = "nxm::sparse_mm_packed";
-  check_2d(x, "x", op);
+// The GEMM of checked operands: values of x's dtype (code_bits 0) or codes with fp32 scales.
+at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
+                    const std::optional<at::Tensor>& bias, int64_t n, int64_t m, int code_bits,
+                    const at::Tensor& scales, int64_t group_size, const char* op) {
   const int64_t rows = x.size(0), cols = x.size(1);
-  check_packed_storage(values, metadata, cols, n, m, op);
-  const at::ScalarType t = values.scalar_type();
+  const at::ScalarType t = x.scalar_type();
   const cpu_gemm::Dtype dtype = gemm_dtype(t);
-  TORCH_CHECK(x.scalar_type() == t, op, ": x is ", x.scalar_type(), " but the weight is ", t, ": cast one to match");
   const int64_t out_features = values.size(0);
   if (bias) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->scalar_type() == t, op,
@@ -154,16 +167,25 @@ at::Tensor sparse_mm_packed_cpu(const at::Tensor& x, const at::Tensor& values, c
   const at::Tensor x32 = x_usable ? x : at::empty({rows, cols}, x.options().dtype(at::kFloat)).copy_(x);
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor v = values.contiguous(), meta = metadata.contiguous();
+  const at::Tensor sc = code_bits ? scales.contiguous() : scales;
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0 || out_features == 0) return y;
 
   cpu_gemm::Args args{x32.const_data_ptr<float>(), x32.stride(0), rows, cols, v.const_data_ptr(),
                       meta.const_data_ptr<uint8_t>(), meta.size(1), dtype,
                       bias ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), y.stride(0)};
+  if (code_bits) {
+    args.code_bits = code_bits;
+    args.scales = sc.const_data_ptr<float>();
+    args.scale_stride = sc.size(1);
+    args.group_size = group_size;
+  }
+  // The SIMD kernels read codes on AVX-512, with whole 32-column steps per scale group.
+  const bool simd_codes = code_bits == 0 || (isa == Isa::kAvx512 && group_size % 32 == 0);
   auto kernel = [&](int64_t begin, int64_t end) {
 #if NXM_X86_KERNELS
-    if (n == 2 && m == 4 && isa == Isa::kAvx512) return cpu_gemm::gemm_2of4_avx512(args, begin, end);
-    if (n == 2 && m == 4 && isa == Isa::kAvx2) return cpu_gemm::gemm_2of4_avx2(args, begin, end);
+    if (n == 2 && m == 4 && simd_codes && isa == Isa::kAvx512) return cpu_gemm::gemm_2of4_avx512(args, begin, end);
+    if (n == 2 && m == 4 && code_bits == 0 && isa == Isa::kAvx2) return cpu_gemm::gemm_2of4_avx2(args, begin, end);
 #endif
     run_portable(args, int(n), int(m), begin, end);
   };
@@ -179,12 +201,54 @@ at::Tensor sparse_mm_packed_cpu(const at::Tensor& x, const at::Tensor& values, c
   return y;
 }
 
+at::Tensor sparse_mm_packed_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
+                                const std::optional<at::Tensor>& bias, int64_t n, int64_t m) {
+  const char* op = "nxm::sparse_mm_packed";
+  check_2d(x, "x", op);
+  check_packed_storage(values, metadata, x.size(1), n, m, op);
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), op, ": x is ", x.scalar_type(), " but the weight is ",
+              values.scalar_type(), ": cast one to match");
+  return run_gemm(x, values, metadata, bias, n, m, 0, at::Tensor(), 0, op);
+}
+
+// W8A16 / W4A16: x (float) @ dequantized codes; specification reference.sparse_mm.
+at::Tensor sparse_mm_packed_q_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
+                                  const at::Tensor& scales, const std::optional<at::Tensor>& bias, int64_t n, int64_t m,
+                                  int64_t bits, int64_t group_size) {
+  const char* op = "nxm::sparse_mm_packed_q";
+  check_2d(x, "x", op);
+  check_2d(values, "values", op);
+  check_2d(scales, "scales", op);
+  check_pattern(n, m, op);
+  const int64_t rows = values.size(0), cols = x.size(1);
+  TORCH_CHECK(cols % m == 0, op, ": in_features=", cols, " must be a multiple of m=", m);
+  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
+  const int64_t kept = cols / m * n;
+  const at::ScalarType code_dtype = bits == 8 ? at::kChar : at::kByte;
+  const int64_t value_cols = bits == 8 ? kept : (kept + 1) / 2;
+  TORCH_CHECK(values.scalar_type() == code_dtype && values.size(1) == value_cols, op, ": values must be ",
+              code_dtype, " [", rows, ", ", value_cols, "], got ", values.scalar_type(), " ", values.sizes());
+  const int64_t row_bytes = packed_row_bytes(cols / m, int(n), index_bits(int(m)));
+  TORCH_CHECK(metadata.scalar_type() == at::kByte && metadata.dim() == 2 && metadata.size(0) == rows &&
+                  metadata.size(1) == row_bytes,
+              op, ": metadata must be uint8 [", rows, ", ", row_bytes, "], got ", metadata.scalar_type(), " ",
+              metadata.sizes());
+  TORCH_CHECK(group_size >= 0, op, ": group_size must be >= 0 (0: one scale per row), got ", group_size);
+  const int64_t groups = group_size > 0 ? (cols + group_size - 1) / group_size : 1;
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.size(0) == rows && scales.size(1) == groups, op,
+              ": scales must be float32 [", rows, ", ", groups, "], got ", scales.scalar_type(), " ", scales.sizes());
+  TORCH_CHECK(values.device() == x.device() && metadata.device() == x.device() && scales.device() == x.device(), op,
+              ": x, values, metadata and scales must be on one device");
+  return run_gemm(x, values, metadata, bias, n, m, int(bits), scales, group_size, op);
+}
+
 std::string cpu_isa() { return isa_name(best_isa()); }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nxm, CPU, m) {
   m.impl("sparse_mm_packed", &sparse_mm_packed_cpu);
+  m.impl("sparse_mm_packed_q", &sparse_mm_packed_q_cpu);
 }
 
 TORCH_LIBRARY_IMPL(nxm, CompositeExplicitAutograd, m) {

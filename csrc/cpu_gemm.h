@@ -26,9 +26,18 @@ struct Args {
   const float* bias;      // [out_features] in fp32, or nullptr
   void* y;                // [m_rows, out_features] of `dtype`, row stride y_stride
   int64_t y_stride;
+  // Quantized weights (nxm_kernels/encodings/integer.py): `values` holds int8 codes (code_bits 8,
+  // [out_features, k / 2]) or int4 codes two per byte, low nibble first (code_bits 4, [out_features,
+  // k / 4]); 0: values of `dtype`. scales: fp32 [out_features, scale_stride], one per row
+  // (group_size 0) or per group_size input features.
+  int code_bits = 0;
+  const float* scales = nullptr;
+  int64_t scale_stride = 0;
+  int64_t group_size = 0;
 };
 
-// y[:, begin:end] for output rows [begin, end) of a 2:4 weight; fp32 accumulation.
+// y[:, begin:end] for output rows [begin, end) of a 2:4 weight; fp32 accumulation. The AVX-512
+// kernel also reads int8/int4 codes with group_size 0 or a multiple of 32.
 void gemm_2of4_avx512(const Args& args, int64_t begin, int64_t end);
 void gemm_2of4_avx2(const Args& args, int64_t begin, int64_t end);
 

@@ -6,6 +6,9 @@
 // entries of x's 32 columns (two registers) in one vpermt2ps, and one FMA accumulates: each weight
 // byte is read once, and x stays in L1/L2. Four weight rows share each load of x, and up to four x
 // rows share each weight step, so the weight streams from memory once per call.
+//
+// Quantized weights (B = 8 or 4 code bits): the codes become fp32 in the same lanes, the FMA sums
+// code * x, and the scale is applied once per group (every group_size / 32 steps) or per row.
 #include <immintrin.h>
 
 #include "cpu_gemm.h"
@@ -17,13 +20,36 @@ namespace {
 constexpr int kRows = 4;  // weight rows per block
 constexpr int kXRows = 4;  // rows of x per tile
 
-template <Dtype T>
-constexpr int64_t value_bytes() { return T == Dtype::kFloat32 ? 4 : 2; }
+// Bytes of `count` stored values: of dtype T, or B-bit codes.
+template <Dtype T, int B>
+constexpr int64_t value_bytes(int64_t count) {
+  return B == 8 ? count : B == 4 ? count / 2 : count * (T == Dtype::kFloat32 ? 4 : 2);
+}
 
 // 16 values of a weight row from element i, as fp32 (masked: zeros outside `mask`).
-template <Dtype T>
+template <Dtype T, int B>
 inline __m512 load_values(const void* row, int64_t i, __mmask16 mask, bool masked) {
-  if constexpr (T == Dtype::kFloat32) {
+  if constexpr (B == 8) {
+    const int8_t* p = static_cast<const int8_t*>(row) + i;
+    const __m128i codes = masked ? _mm_maskz_loadu_epi8(mask, p) : _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes));
+  } else if constexpr (B == 4) {
+    // 8 bytes, nibble j of lane j's 32-bit word moved to the top, then shifted back with its sign.
+    const uint8_t* p = static_cast<const uint8_t*>(row) + i / 2;
+    uint32_t lo = 0, hi = 0;
+    if (masked) {
+      uint8_t part[8] = {};
+      for (int b = 0; b < 8; ++b) if (mask >> (2 * b) & 1) part[b] = p[b];
+      __builtin_memcpy(&lo, part, 4);
+      __builtin_memcpy(&hi, part + 4, 4);
+    } else {
+      __builtin_memcpy(&lo, p, 4);
+      __builtin_memcpy(&hi, p + 4, 4);
+    }
+    const __m512i words = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(int(lo))), _mm256_set1_epi32(int(hi)), 1);
+    const __m512i up = _mm512_setr_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(words, up), 28));
+  } else if constexpr (T == Dtype::kFloat32) {
     const float* p = static_cast<const float*>(row) + i;
     return masked ? _mm512_maskz_loadu_ps(mask, p) : _mm512_loadu_ps(p);
   } else {
@@ -70,7 +96,7 @@ inline void store(void* y, int64_t i, float v) {
 }
 
 // One step (32 columns of x from column 32 * step) for R weight rows and MX rows of x.
-template <Dtype T, int R, int MX>
+template <Dtype T, int B, int R, int MX>
 inline void step(const Args& a, const void* const* values, const uint8_t* const* meta, const float* x, int64_t s,
                  __m512 (&acc)[R][MX], bool tail, int tail_groups) {
   const __mmask16 value_mask = tail ? __mmask16((1u << (2 * tail_groups)) - 1u) : __mmask16(0xffff);
@@ -80,13 +106,13 @@ inline void step(const Args& a, const void* const* values, const uint8_t* const*
   __m512 w[R];
   __m512i cols[R];
   for (int r = 0; r < R; ++r) {
-    w[r] = load_values<T>(values[r], 16 * s, value_mask, tail);
+    w[r] = load_values<T, B>(values[r], 16 * s, value_mask, tail);
     uint32_t bits = 0;
     if (tail) {
       for (int b = 0; b < (tail_groups + 1) / 2; ++b) bits |= uint32_t(meta[r][4 * s + b]) << (8 * b);
     } else {
       bits = load_u32(meta[r] + 4 * s);
-      _mm_prefetch(static_cast<const char*>(values[r]) + (16 * s) * value_bytes<T>() + 2048, _MM_HINT_T0);
+      _mm_prefetch(static_cast<const char*>(values[r]) + value_bytes<T, B>(16 * s) + 2048, _MM_HINT_T0);
     }
     cols[r] = kept_columns(bits);  // in the tail, columns past k read x's zeros
   }
@@ -98,54 +124,85 @@ inline void step(const Args& a, const void* const* values, const uint8_t* const*
   }
 }
 
+// Grouped scales: total += acc * scale of `group`, acc = 0.
+template <int R, int MX>
+inline void fold(const Args& a, int64_t row, int64_t group, __m512 (&acc)[R][MX], __m512 (&total)[R][MX]) {
+  for (int r = 0; r < R; ++r) {
+    const __m512 scale = _mm512_set1_ps(a.scales[(row + r) * a.scale_stride + group]);
+    for (int i = 0; i < MX; ++i) {
+      total[r][i] = _mm512_fmadd_ps(acc[r][i], scale, total[r][i]);
+      acc[r][i] = _mm512_setzero_ps();
+    }
+  }
+}
+
 // y[m0 : m0 + MX, row : row + R].
-template <Dtype T, int R, int MX>
+template <Dtype T, int B, int R, int MX>
 void block(const Args& a, int64_t row, int64_t m0) {
   const void* values[R];
   const uint8_t* meta[R];
   for (int r = 0; r < R; ++r) {
-    values[r] = static_cast<const char*>(a.values) + (row + r) * (a.k / 2) * value_bytes<T>();
+    values[r] = static_cast<const char*>(a.values) + value_bytes<T, B>((row + r) * (a.k / 2));
     meta[r] = a.meta + (row + r) * a.meta_stride;
   }
   const float* x = a.x + m0 * a.x_stride;
-  __m512 acc[R][MX];
+  __m512 acc[R][MX], total[R][MX];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < MX; ++i) acc[r][i] = _mm512_setzero_ps();
+    for (int i = 0; i < MX; ++i) acc[r][i] = total[r][i] = _mm512_setzero_ps();
   const int64_t steps = a.k / 32;
-  for (int64_t s = 0; s < steps; ++s) step<T, R, MX>(a, values, meta, x, s, acc, false, 0);
-  if (a.k % 32) step<T, R, MX>(a, values, meta, x, steps, acc, true, int(a.k % 32) / 4);
+  const bool grouped = B != 0 && a.group_size > 0;
+  const int64_t group_steps = grouped ? a.group_size / 32 : 0;
+  for (int64_t s = 0; s < steps; ++s) {
+    step<T, B, R, MX>(a, values, meta, x, s, acc, false, 0);
+    if (grouped && (s + 1) % group_steps == 0) fold<R, MX>(a, row, s / group_steps, acc, total);
+  }
+  if (a.k % 32) step<T, B, R, MX>(a, values, meta, x, steps, acc, true, int(a.k % 32) / 4);
+  if (grouped && (steps % group_steps || a.k % 32)) fold<R, MX>(a, row, steps / group_steps, acc, total);
   for (int r = 0; r < R; ++r) {
     const float b = a.bias ? a.bias[row + r] : 0.0f;
-    for (int i = 0; i < MX; ++i) store<T>(a.y, (m0 + i) * a.y_stride + row + r, _mm512_reduce_add_ps(acc[r][i]) + b);
+    const float scale = B != 0 && !grouped ? a.scales[(row + r) * a.scale_stride] : 1.0f;
+    for (int i = 0; i < MX; ++i) {
+      const float sum = _mm512_reduce_add_ps(grouped ? total[r][i] : acc[r][i]);
+      store<T>(a.y, (m0 + i) * a.y_stride + row + r, (B != 0 && !grouped ? sum * scale : sum) + b);
+    }
   }
 }
 
-template <Dtype T, int R>
+template <Dtype T, int B, int R>
 void rows_block(const Args& a, int64_t row) {
   int64_t m0 = 0;
-  for (; m0 + kXRows <= a.m_rows; m0 += kXRows) block<T, R, kXRows>(a, row, m0);
+  for (; m0 + kXRows <= a.m_rows; m0 += kXRows) block<T, B, R, kXRows>(a, row, m0);
   switch (a.m_rows - m0) {
-    case 3: return block<T, R, 3>(a, row, m0);
-    case 2: return block<T, R, 2>(a, row, m0);
-    case 1: return block<T, R, 1>(a, row, m0);
+    case 3: return block<T, B, R, 3>(a, row, m0);
+    case 2: return block<T, B, R, 2>(a, row, m0);
+    case 1: return block<T, B, R, 1>(a, row, m0);
     default: return;
   }
 }
 
-template <Dtype T>
+template <Dtype T, int B>
 void run(const Args& a, int64_t begin, int64_t end) {
   int64_t row = begin;
-  for (; row + kRows <= end; row += kRows) rows_block<T, kRows>(a, row);
-  for (; row < end; ++row) rows_block<T, 1>(a, row);
+  for (; row + kRows <= end; row += kRows) rows_block<T, B, kRows>(a, row);
+  for (; row < end; ++row) rows_block<T, B, 1>(a, row);
+}
+
+template <int B>
+void run_dtype(const Args& args, int64_t begin, int64_t end) {
+  switch (args.dtype) {
+    case Dtype::kFloat32: return run<Dtype::kFloat32, B>(args, begin, end);
+    case Dtype::kBFloat16: return run<Dtype::kBFloat16, B>(args, begin, end);
+    case Dtype::kFloat16: return run<Dtype::kFloat16, B>(args, begin, end);
+  }
 }
 
 }  // namespace
 
 void gemm_2of4_avx512(const Args& args, int64_t begin, int64_t end) {
-  switch (args.dtype) {
-    case Dtype::kFloat32: return run<Dtype::kFloat32>(args, begin, end);
-    case Dtype::kBFloat16: return run<Dtype::kBFloat16>(args, begin, end);
-    case Dtype::kFloat16: return run<Dtype::kFloat16>(args, begin, end);
+  switch (args.code_bits) {
+    case 8: return run_dtype<8>(args, begin, end);
+    case 4: return run_dtype<4>(args, begin, end);
+    default: return run_dtype<0>(args, begin, end);
   }
 }
 

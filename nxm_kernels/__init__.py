@@ -15,7 +15,7 @@ from .checkpoint import CheckpointError, load, save
 from .dispatch import BackendNotSupported, backends
 from .layouts import Layout, NMSparseWeight, get_layout, register_layout
 from .nn import SparseLinear, sparsify
-from .ops import compress, decompress, is_nm_sparse, nm_mask, project, sparse_mm
+from .ops import compress, decompress, fake_quant, is_nm_sparse, nm_mask, project, sparse_mm
 from .pattern import Pattern
 
 
@@ -37,6 +37,7 @@ __all__ = [
     "backends",
     "compress",
     "decompress",
+    "fake_quant",
     "get_layout",
     "is_nm_sparse",
     "load",

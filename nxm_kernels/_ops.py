@@ -38,6 +38,10 @@ KERNEL_SCHEMAS = {
 NXM_SCHEMAS = {
     # the instruction set the CPU GEMM (csrc/cpu_gemm.cpp) runs here: "avx512", "avx2" or "portable"
     "cpu_isa": "() -> str",
+    # x [M, K] (float) @ W.T (+ bias) for W [N, K] as int8 (bits 8) or int4 (bits 4, two per byte) codes
+    # in the packed layout with fp32 scales [N, groups] (group_size 0: one per row): W8A16 / W4A16
+    "sparse_mm_packed_q": ("(Tensor x, Tensor values, Tensor metadata, Tensor scales, Tensor? bias, int n, int m, "
+                           "int bits, int group_size) -> Tensor"),
     # cuSPARSELt (csrc/cuda/cusparselt.cpp)
     "cusparselt_version": "() -> int",
     "cusparselt_plan_cache_size": "() -> int",
@@ -49,16 +53,19 @@ NXM_SCHEMAS = {
                                     "ScalarType? out_dtype, bool transpose_output) -> int"),
     # nxm.sparse_mm as one op (ops.py): x [..., K] @ W.T + bias, W of `shape` in `layout`,
     # run by dispatch (`backend`: "auto" or a name)
+    # (scales/encoding: a quantized weight, e.g. "int4-g128"; act_bits 8: W8A8, 0: float activations)
     "sparse_mm": ("(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int[] shape, str pattern, str layout, "
-                  "str backend) -> Tensor"),
-    "sparse_mm_grad_input": "(Tensor grad, Tensor values, Tensor metadata, int[] shape, str pattern, str layout) -> Tensor",
+                  "str backend, Tensor? scales=None, str encoding=\"float\", int act_bits=0) -> Tensor"),
+    "sparse_mm_grad_input": ("(Tensor grad, Tensor values, Tensor metadata, int[] shape, str pattern, str layout, "
+                             "Tensor? scales=None, str encoding=\"float\") -> Tensor"),
     # SparseLinear's forward (nn/autograd.py): W stored padded to `shape`; x and bias are padded,
     # the output cropped to out_features. run_*: a backend's own form of W to multiply with instead.
     "sparse_linear": ("(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int[] shape, int out_features, "
                       "str pattern, str layout, str backend, Tensor? run_values, Tensor? run_metadata, str run_layout, "
-                      "int[] run_shape) -> Tensor"),
+                      "int[] run_shape, Tensor? values_t=None, Tensor? metadata_t=None) -> Tensor"),
+    # values_t/metadata_t: W^T of a transposable pattern, which the backward multiplies with
     "sparse_linear_grad_input": ("(Tensor grad, Tensor values, Tensor metadata, int[] shape, int in_features, "
-                                 "str pattern, str layout) -> Tensor"),
+                                 "str pattern, str layout, Tensor? values_t=None, Tensor? metadata_t=None) -> Tensor"),
 }
 
 
@@ -104,6 +111,10 @@ def _sparse_mm_packed_fake(x, values, metadata, bias, n, m):
     return x.new_empty((x.shape[0], values.shape[0]), dtype=_product_dtype(x))
 
 
+def _sparse_mm_packed_q_fake(x, values, metadata, scales, bias, n, m, bits, group_size):
+    return x.new_empty((x.shape[0], values.shape[0]))
+
+
 def _cusparselt_compress_fake(dense):
     return dense.new_empty(torch.library.get_ctx().new_dynamic_size())
 
@@ -114,20 +125,22 @@ def _cusparselt_mm_fake(x, packed, out_features, bias, alpha, out_dtype, transpo
     return x.new_empty(shape, dtype=out_dtype)
 
 
-def _sparse_mm_fake(x, values, metadata, bias, shape, pattern, layout, backend):
+def _sparse_mm_fake(x, values, metadata, bias, shape, pattern, layout, backend, scales=None, encoding="float",
+                    act_bits=0):
     return x.new_empty((*x.shape[:-1], shape[0]), dtype=_product_dtype(x))
 
 
-def _sparse_mm_grad_input_fake(grad, values, metadata, shape, pattern, layout):
+def _sparse_mm_grad_input_fake(grad, values, metadata, shape, pattern, layout, scales=None, encoding="float"):
     return grad.new_empty((*grad.shape[:-1], shape[1]))
 
 
 def _sparse_linear_fake(x, values, metadata, bias, shape, out_features, pattern, layout, backend, run_values,
-                        run_metadata, run_layout, run_shape):
+                        run_metadata, run_layout, run_shape, values_t=None, metadata_t=None):
     return x.new_empty((*x.shape[:-1], out_features), dtype=_product_dtype(x))
 
 
-def _sparse_linear_grad_input_fake(grad, values, metadata, shape, in_features, pattern, layout):
+def _sparse_linear_grad_input_fake(grad, values, metadata, shape, in_features, pattern, layout, values_t=None,
+                                   metadata_t=None):
     return grad.new_empty((*grad.shape[:-1], in_features))
 
 
@@ -141,6 +154,7 @@ KERNEL_FAKES = {
     "sparse_mm_packed": _sparse_mm_packed_fake,
 }
 NXM_FAKES = {
+    "sparse_mm_packed_q": _sparse_mm_packed_q_fake,
     "cusparselt_compress": _cusparselt_compress_fake,
     "cusparselt_mm": _cusparselt_mm_fake,
     "sparse_mm": _sparse_mm_fake,

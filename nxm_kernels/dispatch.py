@@ -40,10 +40,18 @@ class Support:
     patterns: tuple[str, ...] | None = None  # "n:m"
     # pattern kinds (``PatternKind.kind``) of the call's pattern, or of the weight's stored form
     kinds: tuple[str, ...] | None = ("row",)
+    # value encodings of the weight (sparse_mm; by kind: "float", "int8", "int4"), and the
+    # activation quantizations it runs (None: none; 8: W8A8's per-token int8)
+    encodings: tuple[str, ...] | None = ("float",)
+    act_bits: tuple[int | None, ...] | None = (None,)
     advice: str = ""  # what to do instead, added after the reasons
 
-    def reasons(self, layout, dtype, device, pattern) -> list[str]:
+    def reasons(self, layout, dtype, device, pattern, encoding=None, act_bits=None) -> list[str]:
         why = []
+        if self.encodings is not None and encoding is not None and encoding.name not in self.encodings:
+            why.append(f"handles {'/'.join(self.encodings)} values, not {encoding}")
+        if self.act_bits is not None and act_bits not in self.act_bits:
+            why.append(f"does not quantize activations to {act_bits} bits")
         if self.layouts is not None and layout is not None and layout.name not in self.layouts:
             what = f" ({layout.description})" if layout.description else ""
             why.append(f"handles layout {' or '.join(repr(n) for n in self.layouts)}, not {layout.name!r}{what}")
@@ -82,7 +90,9 @@ class Backend:
         """Why this backend cannot run ``op`` on these inputs (empty when it can): the table's
         reasons, then the backend's own."""
         support = self.supports.get(op)
-        why = support.reasons(*call_facts(inputs)) if support is not None else []
+        sw = inputs.get("sw")
+        encoding = sw.encoding if isinstance(sw, NMSparseWeight) else None
+        why = support.reasons(*call_facts(inputs), encoding, inputs.get("act_bits")) if support is not None else []
         return why + self.extra_reasons(op, **inputs)
 
     def extra_reasons(self, op: str, **inputs) -> list[str]:
@@ -142,7 +152,9 @@ def describe(op: str, inputs: dict) -> str:
         if isinstance(value, torch.Tensor):
             return f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)} on {value.device}"
         if isinstance(value, NMSparseWeight):
-            return f"NMSparseWeight({value.pattern} {value.layout} {value.dtype} {list(value.shape)} on {value.device})"
+            encoding = "" if not value.encoding.quantized else f" {value.encoding}"
+            return (f"NMSparseWeight({value.pattern} {value.layout}{encoding} {value.dtype} {list(value.shape)} "
+                    f"on {value.device})")
         return str(value)
 
     return f"{op}(" + ", ".join(f"{k}={show(v)}" for k, v in inputs.items() if v is not None) + ")"

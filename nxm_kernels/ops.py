@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops, dispatch, reference  # noqa: F401  (_ops: the schemas of the ops below)
+from .encodings import from_bits
 from .layouts import Layout, NMSparseWeight, get_layout
 from .pattern import PatternLike, as_pattern, check_groups
 
@@ -76,26 +77,84 @@ def is_nm_sparse(z: torch.Tensor, pattern: PatternLike) -> bool:
 
 
 def compress(
-    w: torch.Tensor, pattern: PatternLike, layout: str | Layout = "packed", scores=None, *, backend: str | None = None
+    w: torch.Tensor, pattern: PatternLike, layout: str | Layout = "packed", scores=None, *,
+    bits: int | None = None, group_size: int | None = None, backend: str | None = None,
 ) -> NMSparseWeight:
     """Select as :func:`nm_mask` does and keep only the selected values plus their indices, stored
-    as ``layout`` (a name from ``nxm.LAYOUTS``, or a Layout object)."""
+    as ``layout`` (a name from ``nxm.LAYOUTS``, or a Layout object).
+
+    ``bits=8`` or ``4``: the kept values as symmetric int8/int4 codes with fp32 scales, one per
+    output row (``group_size=None``) or per ``group_size`` input features (see
+    :mod:`nxm_kernels.encodings.integer`); ``bits=None`` keeps the weight's dtype.
+    """
     pattern = as_pattern(pattern)
     layout = get_layout(layout)
+    encoding = from_bits(bits, group_size)
     _check_selection_inputs(w, pattern, scores)
-    layout.check(w.dtype, w.shape, pattern)
-    values, metadata = dispatch.run("compress", backend, w=w, pattern=pattern, layout=layout, scores=scores)
-    return NMSparseWeight(values, metadata, tuple(w.shape), pattern, layout, check_metadata=False)
+    if encoding.quantized and pattern.row_form is not pattern:
+        raise ValueError(f"quantized weights are stored for row n:m patterns, not pattern {pattern}: use "
+                         "nxm.fake_quant for its quantized values (dense), or a row pattern")
+    encoding.check(w.dtype, w.shape, pattern, layout)
+    layout.check(encoding.element_dtype(w.dtype), w.shape, pattern)
+    if pattern.row_form not in (None, pattern):
+        return _compress_transposable(w, pattern, layout, scores, backend)
+    values, metadata, own = encoding.compress(
+        w, pattern, layout, scores,
+        select=lambda w, scores: dispatch.run("nm_mask", backend, w=w, pattern=pattern, scores=scores),
+        store=lambda w, scores: dispatch.run("compress", backend, w=w, pattern=pattern, layout=layout, scores=scores),
+    )
+    return NMSparseWeight(values, metadata, tuple(w.shape), pattern, layout, check_metadata=False,
+                          encoding=encoding, **own)
 
 
-def decompress(sw: NMSparseWeight, *, backend: str | None = None) -> torch.Tensor:
-    """The dense weight: equal, bit for bit, to ``project`` of the weight that was compressed."""
+def _compress_transposable(w, pattern, layout, scores, backend) -> NMSparseWeight:
+    """W and W^T, each stored as the row pattern with the kind's mask (as scores: the row
+    selection then keeps exactly the mask, zeros and -0 included)."""
+    mask = dispatch.run("nm_mask", backend, w=w, pattern=pattern, scores=scores)
+    kept = mask.to(torch.float32)
+    projected = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    forward = compress(projected, pattern.row_form, layout, kept, backend=backend)
+    backward = compress(projected.T.contiguous(), pattern.row_form, layout, kept.T.contiguous(), backend=backend)
+    return NMSparseWeight(forward.values, forward.metadata, tuple(w.shape), pattern, layout, check_metadata=False,
+                          values_t=backward.values, metadata_t=backward.metadata)
+
+
+def decompress(sw: NMSparseWeight, *, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+    """The dense weight: equal, bit for bit, to ``project`` of the weight that was compressed; a
+    quantized weight dequantized (code * scale in fp32), in ``dtype`` (default: the weight's)."""
     if not isinstance(sw, NMSparseWeight):
         raise TypeError(f"decompress takes an NMSparseWeight (from nxm.compress), got {type(sw).__name__}")
-    return dispatch.run("decompress", backend, sw=sw)
+    return sw.encoding.decompress(sw, lambda inner: dispatch.run("decompress", backend, sw=inner.stored_form), dtype)
 
 
-def _check_sparse_mm(x, sw, bias) -> None:
+class _FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, pattern, encoding):
+        mask = dispatch.run("nm_mask", None, w=w, pattern=pattern, scores=None)
+        codes, scales = encoding.quantize(w, mask)
+        return encoding.dequantize(codes, scales, w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None  # straight through: rounding and selection pass the gradient unchanged
+
+
+def fake_quant(w: torch.Tensor, pattern: PatternLike, bits: int, group_size: int | None = None) -> torch.Tensor:
+    """``decompress(compress(w, pattern, bits=bits, group_size=group_size))``, bit for bit, for
+    every pattern kind (block kinds too, which ``compress`` does not store), with a straight-through
+    gradient (the identity): what quantization-aware training trains through."""
+    pattern = as_pattern(pattern)
+    encoding = from_bits(bits, group_size)
+    if not encoding.quantized:
+        raise ValueError("fake_quant needs bits=8 or bits=4 (bits=None would not quantize: use nxm.project)")
+    _check_selection_inputs(w, pattern, None)
+    if w.dim() != 2:
+        raise ValueError(f"fake_quant takes a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
+    encoding.check(w.dtype, w.shape, pattern, None)
+    return _FakeQuant.apply(w, pattern, encoding)
+
+
+def _check_sparse_mm(x, sw, bias, act_bits) -> None:
     if not isinstance(sw, NMSparseWeight):
         raise TypeError(f"sparse_mm takes an NMSparseWeight (from nxm.compress), got {type(sw).__name__}")
     if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -107,6 +166,12 @@ def _check_sparse_mm(x, sw, bias) -> None:
         )
     if x.dtype != sw.dtype:
         raise TypeError(f"x is {x.dtype} but the weight is {sw.dtype}: cast x (or the weight) to match")
+    if act_bits is not None and (act_bits != 8 or not sw.encoding.quantized or not x.is_floating_point()):
+        raise ValueError(
+            f"act_bits={act_bits!r} with a {sw.encoding} {sw.dtype} weight: act_bits=8 (W8A8) quantizes float "
+            "activations per token to int8 and multiplies them with a quantized weight's integer codes: compress "
+            "the weight with bits=8 (or 4), or leave act_bits=None"
+        )
     if x.device != sw.device:
         raise ValueError(f"x is on {x.device} but the weight on {sw.device}: move one of them")
     if bias is not None:
@@ -118,53 +183,62 @@ def _check_sparse_mm(x, sw, bias) -> None:
             )
 
 
-def sparse_mm(x: torch.Tensor, sw: NMSparseWeight, bias=None, *, backend: str | None = None) -> torch.Tensor:
+def sparse_mm(x: torch.Tensor, sw: NMSparseWeight, bias=None, *, act_bits: int | None = None,
+              backend: str | None = None) -> torch.Tensor:
     """``x @ decompress(sw).T + bias`` for ``x`` of shape ``[..., in_features]``.
 
-    Half types accumulate in fp32 and return the input dtype; int8 x int8 returns int32.
-    Under ``torch.compile`` the call is one opaque op (``torch.ops.nxm.sparse_mm``), which runs
-    this same function at run time: no graph break.
+    Half types accumulate in fp32 and return the input dtype; int8 x int8 returns int32. A
+    quantized weight (``compress(..., bits=)``) is dequantized inside the product (W8A16/W4A16);
+    ``act_bits=8`` also quantizes x per token and multiplies integers (W8A8; the exact numerics:
+    ``reference.sparse_mm_int``). Under ``torch.compile`` the call is one opaque op
+    (``torch.ops.nxm.sparse_mm``), which runs this same function at run time: no graph break.
     """
     if torch.compiler.is_compiling():
+        sw = sw.stored_form
         return torch.ops.nxm.sparse_mm(x, sw.values, sw.metadata, bias, list(sw.shape), str(sw.pattern),
-                                       sw.layout.name, backend or "auto")
-    _check_sparse_mm(x, sw, bias)
+                                       sw.layout.name, backend or "auto", sw.scales, str(sw.encoding), act_bits or 0)
+    _check_sparse_mm(x, sw, bias, act_bits)
     x2 = x.reshape(-1, sw.in_features)
-    y = dispatch.run("sparse_mm", backend, x=x2, sw=sw, bias=bias)
+    quantized = {} if act_bits is None else {"act_bits": act_bits}  # asked only of backends that declare it
+    y = dispatch.run("sparse_mm", backend, x=x2, sw=sw.stored_form, bias=bias, **quantized)
     return y.reshape(*x.shape[:-1], sw.out_features)
 
 
 # ---------------------------------------------------------------- the ops torch.compile sees (schemas: _ops.py)
 
 
-def _weight(values, metadata, shape, pattern: str, layout: str) -> NMSparseWeight:
-    return NMSparseWeight(values, metadata, tuple(shape), pattern, layout, check_metadata=False)
+def _weight(values, metadata, shape, pattern: str, layout: str, scales=None, encoding="float",
+            float_dtype=None) -> NMSparseWeight:
+    return NMSparseWeight(values, metadata, tuple(shape), pattern, layout, check_metadata=False, scales=scales,
+                          encoding=encoding, float_dtype=float_dtype if scales is not None else None)
 
 
 @torch.library.register_kernel("nxm::sparse_mm", None)  # every device: dispatch decides
-def _sparse_mm_op(x, values, metadata, bias, shape, pattern, layout, backend):
-    sw = _weight(values, metadata, shape, pattern, layout)
-    return sparse_mm(x, sw, bias, backend=None if backend == "auto" else backend)
+def _sparse_mm_op(x, values, metadata, bias, shape, pattern, layout, backend, scales=None, encoding="float",
+                  act_bits=0):
+    sw = _weight(values, metadata, shape, pattern, layout, scales, encoding, x.dtype)
+    return sparse_mm(x, sw, bias, act_bits=act_bits or None, backend=None if backend == "auto" else backend)
 
 
 @torch.library.register_kernel("nxm::sparse_mm_grad_input", None)
-def _sparse_mm_grad_input_op(grad, values, metadata, shape, pattern, layout):
+def _sparse_mm_grad_input_op(grad, values, metadata, shape, pattern, layout, scales=None, encoding="float"):
     """``grad @ W``: the input gradient of ``sparse_mm``, W decompressed on the fly."""
-    w = decompress(_weight(values, metadata, shape, pattern, layout))
-    return (grad.to(torch.float32) @ w.to(torch.float32)).to(grad.dtype)
+    w = decompress(_weight(values, metadata, shape, pattern, layout, scales, encoding, grad.dtype), dtype=torch.float32)
+    return (grad.to(torch.float32) @ w).to(grad.dtype)
 
 
 def _sparse_mm_setup_context(ctx, inputs, output):
-    _x, values, metadata, _bias, shape, pattern, layout, _backend = inputs
-    ctx.save_for_backward(values, metadata)
+    _x, values, metadata, _bias, shape, pattern, layout, _backend, scales, encoding, _act_bits = inputs
+    ctx.save_for_backward(values, metadata, scales)
     ctx.static = (shape, pattern, layout)
+    ctx.encoding = encoding
 
 
 def _sparse_mm_backward(ctx, grad):
-    values, metadata = ctx.saved_tensors
-    grad_x = torch.ops.nxm.sparse_mm_grad_input(grad, values, metadata, *ctx.static)
+    values, metadata, scales = ctx.saved_tensors
+    grad_x = torch.ops.nxm.sparse_mm_grad_input(grad, values, metadata, *ctx.static, scales, ctx.encoding)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-    return grad_x, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, grad_bias, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("nxm::sparse_mm", _sparse_mm_backward, setup_context=_sparse_mm_setup_context)

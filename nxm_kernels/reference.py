@@ -88,7 +88,12 @@ def compress(w, pattern: Pattern, layout, scores=None):
     return _layout(layout).compress(w, pattern, scores)
 
 
-def decompress(sw) -> torch.Tensor:
+def decompress(sw, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense weight in ``dtype`` (None: the weight's); a quantized one dequantized by its encoding."""
+    return sw.encoding.decompress(sw, _layout_decompress, dtype)
+
+
+def _layout_decompress(sw) -> torch.Tensor:
     return sw.layout.decompress(sw.values, sw.metadata, sw.shape, sw.pattern)
 
 
@@ -98,16 +103,63 @@ def _layout(layout):
     return get_layout(layout)
 
 
-def sparse_mm(x: torch.Tensor, sw, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ decompress(sw).T + bias``: fp32 accumulation for float types, exact int32 for int8."""
-    w = decompress(sw)
+def sparse_mm(x: torch.Tensor, sw, bias: torch.Tensor | None = None, act_bits: int | None = None) -> torch.Tensor:
+    """``x @ decompress(sw).T + bias``: fp32 accumulation for float types, exact int32 for int8.
+
+    A quantized weight (W8A16, W4A16) is dequantized to fp32 (code * scale, rounded to fp32)
+    inside the product. ``act_bits=8`` (W8A8) is :func:`sparse_mm_int`.
+    """
+    if act_bits is not None:
+        return sparse_mm_int(x, sw, bias, act_bits)
     if x.dtype == torch.int8:
+        w = decompress(sw)
         # float64 holds every int8 x int8 dot product exactly for K < 2**38.
         y = x.to(torch.float64) @ w.to(torch.float64).T
         if bias is not None:
             y = y + bias.to(torch.float64)
         return y.to(torch.int32)
-    y = x.to(torch.float32) @ w.to(torch.float32).T
+    y = x.to(torch.float32) @ decompress(sw, torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- integer GEMM (W8A8)
+
+
+def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token symmetric quantization of ``x`` [M, K]: int8 codes and fp32 scales [M, 1],
+    by the weights' rule (``scale = absmax(row) / qmax``, round half to even, a zero row: scale 0)."""
+    from .encodings.integer import QMAX, quantize
+
+    return quantize(x, QMAX[bits], None)
+
+
+def sparse_mm_int(x: torch.Tensor, sw, bias: torch.Tensor | None, act_bits: int) -> torch.Tensor:
+    """W8A8 (W4A8 for int4 codes): the integer product, exactly.
+
+    With ``xq, sx = quantize_activations(x)``, the weight's codes ``q`` and scales ``s`` [N, G]
+    (G groups of ``group_size`` input features; one group per row without one):
+
+    - ``acc[i, n, j] = sum over k in group j of xq[i, k] * q[n, k]`` in int32 (exact);
+    - ``y = 0``; for j = 0 .. G-1 in order: ``y = y + fp32(acc[.., j]) * s[n, j]`` (each product
+      and each sum rounded to fp32, no fused multiply-add);
+    - ``y = y * sx[i]``, then ``+ bias`` (fp32), then rounded to x's dtype.
+
+    Every backend's integer path follows this order, so they agree bit for bit.
+    """
+    xq, sx = quantize_activations(x, act_bits)
+    codes = sw.encoding.codes_weight(sw)
+    q = _layout_decompress(codes).to(torch.float64)
+    cols = sw.in_features
+    group = sw.encoding.group_size or max(cols, 1)
+    y = torch.zeros(x.shape[0], sw.out_features, dtype=torch.float32, device=x.device)
+    for j in range(sw.scales.shape[1]):
+        part = slice(j * group, (j + 1) * group)
+        # float64 holds every partial sum exactly (|acc| < 127 * 127 * K < 2**53).
+        acc = (xq[:, part].to(torch.float64) @ q[:, part].T).to(torch.int32)
+        y = y + acc.to(torch.float32) * sw.scales[:, j]
+    y = y * sx
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype)

@@ -39,11 +39,13 @@ class NativeBackend(Backend):
         "project": Support(devices=DEVICES),
         "compress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         "decompress": Support(layouts=tuple(KERNELS), devices=DEVICES),
-        # csrc/cpu_gemm*.cpp: SIMD kernels (AVX-512, AVX2) for 2:4, a portable one for every n:m
+        # csrc/cpu_gemm*.cpp: SIMD kernels (AVX-512, AVX2) for 2:4, a portable one for every n:m;
+        # int8/int4 codes dequantized inside (W8A16/W4A16; SIMD on AVX-512)
         "sparse_mm": Support(
             layouts=("packed",), dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
-            advice="the native GEMM reads layout 'packed' on CPU and multiplies float types: use another backend "
-                   "for the rest",
+            encodings=("float", "int8", "int4"),
+            advice="the native GEMM reads layout 'packed' on CPU and multiplies float types (int8/int4 weights "
+                   "with float activations): use another backend for the rest",
         ),
     }
     auto_devices = DEVICES
@@ -86,7 +88,11 @@ class NativeBackend(Backend):
         return decompress(sw.values, sw.metadata, sw.shape, sw.pattern)
 
     def sparse_mm(self, x, sw, bias):
-        return torch.ops.nxm.sparse_mm_packed(x, sw.values, sw.metadata, bias, sw.pattern.n, sw.pattern.m)
+        n, m, encoding = sw.pattern.n, sw.pattern.m, sw.encoding
+        if encoding.quantized:
+            return torch.ops.nxm.sparse_mm_packed_q(x, sw.values, sw.metadata, sw.scales, bias, n, m, encoding.bits,
+                                                    encoding.group_size or 0)
+        return torch.ops.nxm.sparse_mm_packed(x, sw.values, sw.metadata, bias, n, m)
 
 
 def _through_cupy(t: torch.Tensor) -> bool:

@@ -9,7 +9,7 @@ from ..dispatch import Backend, Support, call_facts
 
 class ReferenceBackend(Backend):
     name = "reference"
-    supports = {op: Support(kinds=None) for op in dispatch.OPS}
+    supports = {op: Support(encodings=None, act_bits=None, kinds=None) for op in dispatch.OPS}
 
     def extra_reasons(self, op, **inputs):
         layout = call_facts(inputs)[0]
@@ -27,8 +27,8 @@ class ReferenceBackend(Backend):
     def decompress(self, sw):
         return reference.decompress(sw)
 
-    def sparse_mm(self, x, sw, bias):
-        return reference.sparse_mm(x, sw, bias)
+    def sparse_mm(self, x, sw, bias, act_bits=None):
+        return reference.sparse_mm(x, sw, bias, act_bits)
 
 
 BACKEND = dispatch.register(ReferenceBackend(), priority=0)

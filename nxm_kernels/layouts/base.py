@@ -20,6 +20,7 @@ A new layout is one module with a subclass plus ``register_layout(MyLayout())``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -48,6 +49,9 @@ class Layout:
     # The tensors a weight in this layout is made of: NMSparseWeight's fields, SparseLinear's
     # buffers and a checkpoint's tensors per layer.
     tensor_names: tuple = ("values", "metadata")
+    # The value encodings (``nxm_kernels.encodings``, by kind) it holds: "float" (the weight's
+    # dtype), "int8", "int4" (codes packed two per byte in ``values``).
+    encodings: tuple = ("float",)
     # The pattern kinds (``PatternKind.kind``) it holds.
     kinds: tuple = ("row",)
 
@@ -62,6 +66,16 @@ class Layout:
             return []
         return [f"layout {self.name!r} cannot hold dtype {dtype}: use one of "
                 f"{', '.join(str(d) for d in self.value_dtypes)} (convert the weight first)"]
+
+    def encoding_reasons(self, encoding) -> list[str]:
+        """Why this layout cannot hold ``encoding`` (an Encoding), with the layouts that can."""
+        if encoding.name in self.encodings:
+            return []
+        from .registry import registered_layouts
+
+        can = [repr(layout.name) for layout in registered_layouts() if encoding.name in layout.encodings]
+        return [f"layout {self.name!r} holds {', '.join(self.encodings)} values, not {encoding.name}"
+                + (f": use layout {' or '.join(can)}" if can else "")]
 
     def kind_reasons(self, pattern) -> list[str]:
         """Why this layout cannot hold ``pattern``'s kind, with the layouts that can."""
@@ -82,7 +96,9 @@ class Layout:
             check_groups(shape, pattern)
         except ValueError as e:
             return why + [str(e)]
-        return why or self.shape_reasons(dtype, tuple(shape), pattern)
+        stored = pattern.row_form or pattern  # a transposable kind: W and W^T, each as its row pattern
+        why = why or self.shape_reasons(dtype, tuple(shape), stored)
+        return why or (self.shape_reasons(dtype, tuple(shape)[::-1], stored) if stored is not pattern else [])
 
     def check(self, dtype: torch.dtype, shape, pattern: Pattern) -> None:
         """Raise what :meth:`not_supported_reasons` says: TypeError for the dtype, else ValueError."""
@@ -101,7 +117,10 @@ class Layout:
 
     def padded_shape(self, out_features: int, in_features: int, pattern: Pattern, dtype: torch.dtype):
         """The shape a layer of this size is stored as (zeros padded to :meth:`multiples`)."""
-        rows, cols = self.multiples(dtype, pattern)
+        stored = pattern.row_form or pattern
+        rows, cols = self.multiples(dtype, stored)
+        if stored is not pattern:  # W^T is stored too: each dimension takes both multiples, and the blocks
+            rows = cols = math.lcm(rows, cols, *pattern.block)
         return round_up(out_features, rows), round_up(in_features, cols)
 
     def storage(self, dtype: torch.dtype, shape, pattern: Pattern) -> dict[str, TensorSpec]:

@@ -33,6 +33,7 @@ class CusparseltLayout(Layout):
     description = "cuSPARSELt's opaque buffer"
     stored = False
     value_dtypes = VALUE_DTYPES + (FP8,)
+    encodings = ("float", "int8")  # int8 codes: cuSPARSELt's int8 x int8 GEMM (W8A8)
 
     def shape_reasons(self, dtype, shape, pattern):
         mult = multiples(dtype)[0]

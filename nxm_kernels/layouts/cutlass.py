@@ -158,6 +158,9 @@ def decompress(values: torch.Tensor, metadata: torch.Tensor, shape) -> torch.Ten
 class CutlassLayout(Layout):
     name = "cutlass"
     description = "CUTLASS's Sparse Tensor Core layout (reordered metadata)"
+    # int8 codes sit as int8 values (the int8 Sparse Tensor Core layout); no int4 Sparse Tensor Core layout here.
+    encodings = ("float", "int8")
+    kinds = ("row", "transposable")  # a transposable weight: W and W^T, each as row 2:4
 
     def shape_reasons(self, dtype, shape, pattern):
         return hardware_reasons(self.name, PATTERN, multiples(dtype), "CUTLASS's metadata reordering",

@@ -94,6 +94,8 @@ def check_metadata(metadata: torch.Tensor, shape, pattern: Pattern) -> None:
 class PackedLayout(Layout):
     name = "packed"
     description = "any n:m, kept values plus a bitstream of their indices"
+    encodings = ("float", "int8", "int4")
+    kinds = ("row", "transposable")  # a transposable weight: W and W^T, each as row n:m
 
     def storage(self, dtype, shape, pattern):
         rows, cols = shape
