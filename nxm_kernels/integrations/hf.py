@@ -45,19 +45,15 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     ) from e
 
 from ..training.common import NMSparsifier
+from ..training.sharding import local
 
 SparsifierLike = Union[NMSparsifier, Callable[[torch.nn.Module], NMSparsifier]]
 
 
 def sparsity_of(sparsifier: NMSparsifier) -> float:
-    """Share of exact zeros in the weights ``sparsifier`` trains (local shards under FSDP)."""
-    zeros = total = 0
-    for module in sparsifier.targets.values():
-        w = module.weight.detach()
-        w = w.to_local() if hasattr(w, "to_local") else w
-        zeros += int((w == 0).sum())
-        total += w.numel()
-    return zeros / max(total, 1)
+    """Share of exact zeros in the weights ``sparsifier`` trains (this rank's shards under FSDP)."""
+    weights = [local(module.weight.detach()) for module in sparsifier.targets.values()]
+    return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
 
 
 class NMSparsityCallback(TrainerCallback):
@@ -90,17 +86,9 @@ class NMSparsityCallback(TrainerCallback):
                                 "not an NMSparsifier")
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        s = self.sparsifier
-        if s.finalized or getattr(s, "penalty_mode", None) != "loss":
-            return
-        with torch.no_grad():
-            for name, module in s.targets.items():
-                w = module.weight
-                grad = s.rho * (w.detach().to(s.Z[name].dtype) - s.Z[name] + s.U[name])
-                if w.grad is None:
-                    w.grad = grad.to(w.dtype)
-                else:
-                    w.grad.add_(grad.to(w.grad.dtype))
+        add_penalty_grad = getattr(self.sparsifier, "add_penalty_grad", None)  # ADMM's
+        if add_penalty_grad is not None:
+            add_penalty_grad()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.sparsifier.step()

@@ -40,7 +40,8 @@ from torch import nn
 
 from .. import ops
 from ..pattern import PatternLike
-from .common import NMSparsifier, Selector, _norm_sq, unwrap
+from . import sharding
+from .common import NMSparsifier, Selector, unwrap
 
 PENALTIES = ("loss", "proximal")
 INITS = (None, "magnitude", "wanda", "sparsegpt")
@@ -72,7 +73,10 @@ class ADMMSparsifier(NMSparsifier):
     learning rate), e.g. :func:`geometric_rho`. Z and U live on each weight's device, in fp32
     when the weight is fp16/bf16 (master copies), else in the weight's dtype.
     Build it after wrapping the model in DDP: every rank then holds the same W, hence the same
-    Z and U, with no communication of its own.
+    Z and U, with no communication of its own. Under FSDP2 (``fully_shard``) Z and U are the
+    rank's row shards of the weight's, projected per shard (:mod:`.sharding`); the penalty cannot
+    enter the loss there (the weights it reads are sharded), so with ``penalty="loss"`` call
+    :meth:`add_penalty_grad` between ``backward()`` and ``opt.step()`` instead.
 
     ``init``: None starts Z from project(W) (the magnitude mask); ``"magnitude"``, ``"wanda"`` or
     ``"sparsegpt"`` start Z from that one-shot pruning of the weights (:func:`.oneshot.prune` on a
@@ -114,6 +118,10 @@ class ADMMSparsifier(NMSparsifier):
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.last_dual = 0.0
+        if init is not None and any(sharding.is_sharded(m.weight) for m in self.targets.values()):
+            raise ValueError(f"init={init!r} prunes a copy of the whole model, which FSDP shards: build the "
+                             "sparsifier with init=None, or prune the unsharded model with nxm_kernels.training.prune "
+                             "first and shard it afterwards")
         start = None if init is None else _one_shot_weights(model, self.pattern, list(self.targets), init, calibration)
         with torch.no_grad():
             for name, module in self.targets.items():
@@ -126,20 +134,42 @@ class ADMMSparsifier(NMSparsifier):
         """rho/2 * sum ||W - Z + U||^2 (zero once finalized, or with ``penalty="proximal"``)."""
         if self.finalized or self.penalty_mode != "loss":
             return self._zero()
+        if any(sharding.is_sharded(m.weight) for m in self.targets.values()):
+            raise RuntimeError(
+                "the weights are sharded (FSDP), so the ADMM penalty cannot be part of the loss: call "
+                "admm.add_penalty_grad() after backward() and before opt.step(), or use penalty='proximal'"
+            )
         total = sum(
             (module.weight.to(self.Z[n].dtype) - self.Z[n] + self.U[n]).pow(2).sum()
             for n, module in self.targets.items()
         )
         return 0.5 * self.rho * total
 
+    def add_penalty_grad(self) -> None:
+        """Add the penalty's gradient rho (W - Z + U) to each weight's ``.grad``: ``penalty()`` for
+        loops that do not own the loss (the Hugging Face Trainer, FSDP). Call it after
+        ``backward()`` (and any gradient clipping), before ``opt.step()``; it does nothing once
+        finalized or with ``penalty="proximal"``."""
+        if self.finalized or self.penalty_mode != "loss":
+            return
+        with torch.no_grad():
+            for n, module in self.targets.items():
+                weight = module.weight
+                grad = (self.rho * (self._master(weight) - self.Z[n] + self.U[n])).to(weight.dtype)
+                if weight.grad is None:
+                    weight.grad = sharding.like(grad, weight)
+                else:
+                    sharding.local(weight.grad).add_(grad)
+
     def residual(self) -> dict:
-        """Relative primal ||W - Z|| / ||W||, dual ||Z - Z_prev|| / ||W|| of the last Z-step, rho."""
+        """Relative primal ||W - Z|| / ||W||, dual ||Z - Z_prev|| / ||W|| of the last Z-step, rho
+        (over all ranks under FSDP)."""
         if self.finalized:
             return {"primal": 0.0, "dual": 0.0, "rho": self.rho}
         with torch.no_grad():
-            weights = [self._master(m.weight) for m in self.targets.values()]
-            w_sq = max(_norm_sq(weights), 1e-30)
-            primal = _norm_sq(w - self.Z[n] for w, n in zip(weights, self.targets))
+            weights = [(self._master(m.weight), m.weight) for m in self.targets.values()]
+            w_sq = max(sharding.sq_norm(weights), 1e-30)
+            primal = sharding.sq_norm((w - self.Z[n], weight) for (w, weight), n in zip(weights, self.targets))
         return {"primal": (primal / w_sq) ** 0.5, "dual": (self.last_dual / w_sq) ** 0.5, "rho": self.rho}
 
     def finalize(self) -> "ADMMSparsifier":
@@ -153,7 +183,7 @@ class ADMMSparsifier(NMSparsifier):
             if self.penalty_mode == "proximal":
                 for n, module in self.targets.items():
                     w = self._master(module.weight)
-                    module.weight.copy_((w + self.rho * (self.Z[n] - self.U[n])) / (1 + self.rho))
+                    sharding.local(module.weight).copy_((w + self.rho * (self.Z[n] - self.U[n])) / (1 + self.rho))
             if self.steps % self.update_every == 0:
                 self._update_z_u()
             new_rho = self._scheduled_rho(self.steps)
@@ -164,22 +194,22 @@ class ADMMSparsifier(NMSparsifier):
                 self.rho = new_rho
 
     def _update_z_u(self) -> None:
-        dual = 0.0
+        moved = []
         for n, module in self.targets.items():
             w = self._master(module.weight)
             v = w + self.U[n]
             z = ops.project(v, self.pattern, self.pattern.projection_scores(v))  # Euclidean for every kind
-            dual += float((z - self.Z[n]).pow(2).sum())
+            moved.append((z - self.Z[n], module.weight))
             self.Z[n] = z
             self.U[n].add_(w - z)
-        self.last_dual = dual
+        self.last_dual = sharding.sq_norm(moved)
 
     def _scheduled_rho(self, step: int) -> float:
         return self.base_rho * (self.rho_schedule(step) if self.rho_schedule is not None else 1.0)
 
     @staticmethod
     def _master(w: torch.Tensor) -> torch.Tensor:
-        w = w.detach()
+        w = sharding.local(w.detach())  # the rank's shard under FSDP2
         return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
 
     def state_dict(self) -> dict:

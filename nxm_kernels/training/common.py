@@ -16,7 +16,7 @@ from torch import nn
 from .. import ops
 from ..pattern import PatternLike, as_pattern
 from ..selection import Selector, mark, select_layers
-from . import masking
+from . import masking, sharding
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -41,10 +41,6 @@ def select_linears(model: nn.Module, pattern: PatternLike, include: Selector = N
             "check include/exclude"
         )
     return targets, skipped
-
-
-def _norm_sq(tensors) -> float:
-    return float(sum(t.float().pow(2).sum() for t in tensors))
 
 
 class NMSparsifier:
@@ -75,6 +71,8 @@ class NMSparsifier:
                 self.skipped[name] = why
         if not self.targets:
             raise ValueError(f"{type(self).__name__} can train none of the selected layers: {self.skipped}")
+        for name, module in self.targets.items():
+            sharding.check_shards(name, module.weight, self.pattern)
         for module in self.targets.values():
             mark(module, self.pattern, self.kind)
         self.masks: dict[str, torch.Tensor] | None = None
@@ -96,14 +94,15 @@ class NMSparsifier:
     def residual(self) -> dict:
         """Distance of the weights from the N:M set, relative: ||W - project(W)|| / ||W||."""
         with torch.no_grad():
-            weights = [m.weight for m in self.targets.values()]
-            off = [w - ops.project(w.detach(), self.pattern) for w in weights]
-            return {"primal": (_norm_sq(off) / max(_norm_sq(weights), 1e-30)) ** 0.5}
+            pairs = [(sharding.local(m.weight.detach()), m.weight) for m in self.targets.values()]
+            off = [(w - ops.project(w, self.pattern), weight) for w, weight in pairs]
+            return {"primal": (sharding.sq_norm(off) / max(sharding.sq_norm(pairs), 1e-30)) ** 0.5}
 
     def finalize(self) -> "NMSparsifier":
         """Hard-prune W = project(W) and fix the masks for masked fine-tuning."""
         if not self.finalized:
-            self._fix_masks({n: ops.nm_mask(m.weight.detach(), self.pattern) for n, m in self.targets.items()})
+            self._fix_masks({n: ops.nm_mask(sharding.local(m.weight.detach()), self.pattern)
+                             for n, m in self.targets.items()})
         return self
 
     @property
@@ -151,7 +150,7 @@ class NMSparsifier:
         pass
 
     def _zero(self) -> torch.Tensor:
-        return next(iter(self.targets.values())).weight.new_zeros(())
+        return sharding.local(next(iter(self.targets.values())).weight).new_zeros(())
 
     def _fix_masks(self, masks: dict) -> None:
         for name, module in self.targets.items():

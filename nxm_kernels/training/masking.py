@@ -17,7 +17,12 @@ Parameter, so checkpoints, ``sparsify`` and DDP see the usual model) and these h
 The weight is therefore exactly N:M after every optimizer step. An update outside ``torch.optim``
 (a hand-written ``p -= lr * p.grad``) keeps it too, since its gradient is masked; anything else
 that writes the weight should call :func:`apply_mask`. Optimizers that replace the parameters
-(FSDP's flat parameters, ZeRO) are not covered.
+(FSDP1's flat parameters, ZeRO) are not covered.
+
+FSDP2 (``fully_shard``): the weight is a DTensor and the mask covers the rank's shard
+(:mod:`.sharding`). FSDP2 writes the reduced gradient into ``.grad`` itself, past any gradient
+hook, so a global optimizer step pre-hook masks the gradient of such weights instead; the gathered
+weight FSDP2 swaps in for the forward pass is not the one the mask is attached to.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import weakref
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from .sharding import is_sharded, local
 
 MASK_BUFFER = "_nxm_mask"
 _HANDLES = "_nxm_mask_handles"
@@ -35,7 +42,7 @@ _HANDLES = "_nxm_mask_handles"
 # modules whose weight the optimizer updated. A copy of the module (deepcopy, pickle) keeps its
 # buffer and module hooks but not this entry nor the gradient hook: its first forward re-attaches.
 _attached: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_optimizer_hook = None
+_optimizer_hooks = None
 
 
 def mask_of(module: nn.Module) -> torch.Tensor | None:
@@ -45,10 +52,9 @@ def mask_of(module: nn.Module) -> torch.Tensor | None:
 
 def fix_mask(module: nn.Module, mask: torch.Tensor) -> None:
     """Fix ``module.weight``'s mask (bool, the weight's shape) and apply it now."""
-    if mask.shape != module.weight.shape or mask.dtype != torch.bool:
-        raise ValueError(
-            f"mask must be bool of the weight's shape {tuple(module.weight.shape)}, got {mask.dtype} {tuple(mask.shape)}"
-        )
+    shape = local(module.weight).shape  # the rank's shard under FSDP2
+    if mask.shape != shape or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool of the weight's shape {tuple(shape)}, got {mask.dtype} {tuple(mask.shape)}")
     release(module)
     module.register_buffer(MASK_BUFFER, mask.to(module.weight.device), persistent=False)
     # Named functions, not lambdas: the model still pickles.
@@ -65,7 +71,7 @@ def apply_mask(module: nn.Module) -> None:
     mask = mask_of(module)
     if mask is not None:
         with torch.no_grad():
-            module.weight.mul_(mask)
+            local(module.weight).mul_(mask)
 
 
 def release(module: nn.Module) -> None:
@@ -74,24 +80,32 @@ def release(module: nn.Module) -> None:
         handle.remove()
     if MASK_BUFFER in module._buffers:
         del module._buffers[MASK_BUFFER]
-    if module in _attached:
-        _attached.pop(module)[1].remove()
+    _detach(module)
+
+
+def _detach(module: nn.Module) -> None:
+    handle = _attached.pop(module, (None, None))[1]
+    if handle is not None:
+        handle.remove()
 
 
 def _attach(module: nn.Module) -> None:
     """The gradient hook and the optimizer hook's entry for ``module``'s current weight."""
-    global _optimizer_hook
-    if module in _attached:
-        _attached.pop(module)[1].remove()
+    global _optimizer_hooks
+    _detach(module)
     ref = weakref.ref(module)  # the gradient hook must not keep the module alive
-    handle = module.weight.register_hook(lambda grad: grad * getattr(ref(), MASK_BUFFER))
+    handle = (None if is_sharded(module.weight)  # FSDP2 sets .grad past autograd: masked before the step
+              else module.weight.register_hook(lambda grad: grad * getattr(ref(), MASK_BUFFER)))
     _attached[module] = (module.weight, handle)
-    if _optimizer_hook is None:
-        _optimizer_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+    if _optimizer_hooks is None:
+        _optimizer_hooks = (register_optimizer_step_pre_hook(_before_optimizer_step),
+                            register_optimizer_step_post_hook(_after_optimizer_step))
 
 
 def _before_forward(module: nn.Module, args) -> None:
     entry = _attached.get(module)
+    if entry is not None and is_sharded(entry[0]) and not is_sharded(module.weight):
+        return  # FSDP2 gathered the weight for this forward pass; the shard keeps the mask
     if entry is None or entry[0] is not module.weight:  # a copy, or the weight was replaced
         _attach(module)
         apply_mask(module)
@@ -99,6 +113,17 @@ def _before_forward(module: nn.Module, args) -> None:
 
 def _after_load(module: nn.Module, incompatible_keys) -> None:
     apply_mask(module)
+
+
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    """Mask the gradients that no gradient hook saw (FSDP2's sharded weights)."""
+    if not _attached:
+        return
+    updated = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module, (weight, handle) in list(_attached.items()):
+        if handle is None and id(weight) in updated and weight.grad is not None:
+            with torch.no_grad():
+                local(weight.grad).mul_(getattr(module, MASK_BUFFER))
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
