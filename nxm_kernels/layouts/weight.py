@@ -71,7 +71,8 @@ class NMSparseWeight:
         return both
 
     def _check_transpose(self, check_metadata: bool) -> None:
-        """Both forms are valid row weights; with ``check_metadata``, W^T is W transposed and W fits the pattern."""
+        """Both forms are valid row weights; with ``check_metadata``, W^T is W transposed. (W and W^T both
+        row n:m is the transposable pattern: every m x m block n:m along rows and along columns.)"""
         forward = NMSparseWeight(self.values, self.metadata, self.shape, self.pattern.row_form, self.layout,
                                  check_metadata)
         backward = NMSparseWeight(self.values_t, self.metadata_t, self.shape[::-1], self.pattern.row_form,
@@ -83,9 +84,6 @@ class NMSparseWeight:
         if not torch.equal(w.T, wt):
             raise ValueError(f"values_t/metadata_t of this {self.pattern} weight are not the transpose of "
                              "values/metadata: re-create the weight with nxm.compress")
-        if not self.pattern.is_valid(w):
-            raise ValueError(f"this weight is not {self.pattern} in every {self.pattern.m}x{self.pattern.m} "
-                             "block: re-create it with nxm.compress")
 
     def check(self) -> "NMSparseWeight":
         """Validate every index now (for a weight built with ``check_metadata=False``)."""
