@@ -33,6 +33,10 @@ KERNEL_SCHEMAS = {
     "decompress_cutlass": "(Tensor values, Tensor metadata) -> Tensor",
     # x [M, K] @ W.T (+ bias) for W [N, K] in the packed layout; int8 -> int32
     "sparse_mm_packed": "(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int n, int m) -> Tensor",
+    # x [M, K] @ W.T (+ bias) for W [N, K] in the block layout (kept of every block_rows x block_cols block);
+    # masks None: metadata holds bitmaps, else mask numbers into masks (uint8 [count, bitmap bytes])
+    "sparse_mm_block": ("(Tensor x, Tensor values, Tensor metadata, Tensor? masks, Tensor? bias, int block_rows, "
+                        "int block_cols, int kept) -> Tensor"),
 }
 
 NXM_SCHEMAS = {
@@ -62,10 +66,12 @@ NXM_SCHEMAS = {
     # the output cropped to out_features. run_*: a backend's own form of W to multiply with instead.
     "sparse_linear": ("(Tensor x, Tensor values, Tensor metadata, Tensor? bias, int[] shape, int out_features, "
                       "str pattern, str layout, str backend, Tensor? run_values, Tensor? run_metadata, str run_layout, "
-                      "int[] run_shape, Tensor? values_t=None, Tensor? metadata_t=None) -> Tensor"),
+                      "int[] run_shape, Tensor? values_t=None, Tensor? metadata_t=None, Tensor? scales=None, "
+                      "str encoding=\"float\", int act_bits=0) -> Tensor"),
     # values_t/metadata_t: W^T of a transposable pattern, which the backward multiplies with
     "sparse_linear_grad_input": ("(Tensor grad, Tensor values, Tensor metadata, int[] shape, int in_features, "
-                                 "str pattern, str layout, Tensor? values_t=None, Tensor? metadata_t=None) -> Tensor"),
+                                 "str pattern, str layout, Tensor? values_t=None, Tensor? metadata_t=None, "
+                                 "Tensor? scales=None, str encoding=\"float\") -> Tensor"),
 }
 
 
@@ -111,6 +117,10 @@ def _sparse_mm_packed_fake(x, values, metadata, bias, n, m):
     return x.new_empty((x.shape[0], values.shape[0]), dtype=_product_dtype(x))
 
 
+def _sparse_mm_block_fake(x, values, metadata, masks, bias, block_rows, block_cols, kept):
+    return x.new_empty((x.shape[0], values.shape[0] * block_rows))
+
+
 def _sparse_mm_packed_q_fake(x, values, metadata, scales, bias, n, m, bits, group_size):
     return x.new_empty((x.shape[0], values.shape[0]))
 
@@ -135,12 +145,13 @@ def _sparse_mm_grad_input_fake(grad, values, metadata, shape, pattern, layout, s
 
 
 def _sparse_linear_fake(x, values, metadata, bias, shape, out_features, pattern, layout, backend, run_values,
-                        run_metadata, run_layout, run_shape, values_t=None, metadata_t=None):
+                        run_metadata, run_layout, run_shape, values_t=None, metadata_t=None, scales=None,
+                        encoding="float", act_bits=0):
     return x.new_empty((*x.shape[:-1], out_features), dtype=_product_dtype(x))
 
 
 def _sparse_linear_grad_input_fake(grad, values, metadata, shape, in_features, pattern, layout, values_t=None,
-                                   metadata_t=None):
+                                   metadata_t=None, scales=None, encoding="float"):
     return grad.new_empty((*grad.shape[:-1], in_features))
 
 
@@ -152,6 +163,7 @@ KERNEL_FAKES = {
     "compress_cutlass": _compress_cutlass_fake,
     "decompress_cutlass": _decompress_cutlass_fake,
     "sparse_mm_packed": _sparse_mm_packed_fake,
+    "sparse_mm_block": _sparse_mm_block_fake,
 }
 NXM_FAKES = {
     "sparse_mm_packed_q": _sparse_mm_packed_q_fake,

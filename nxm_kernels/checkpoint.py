@@ -47,9 +47,11 @@ from torch import nn
 
 from ._version import __version__
 from .layouts import NMSparseWeight
+from .layouts.weight import tensor_names
 from .nn import FLOAT_DTYPES, SparseLinear
 from .nn.policy import stored_layouts
 from .nn.torch_layers import prepare_parents
+from .encodings import as_encoding
 from .pattern import as_pattern
 
 FORMAT = "nxm-kernels"
@@ -60,6 +62,9 @@ HEADER_KEY = "nxm"
 DIGEST_ALGORITHM = "xxh3_64"
 _DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
 _LAYER_FIELDS = {"pattern", "layout", "dtype", "in_features", "out_features", "shape", "bias"}
+# Written for quantized layers only: "encoding" ("int8", "int4-g128"; absent: "float") and
+# "act_bits" (8: W8A8; absent: float activations). "dtype" is then the dtype they dequantize to.
+_QUANT_FIELDS = {"encoding", "act_bits"}
 
 
 class CheckpointError(ValueError):
@@ -99,8 +104,8 @@ class SparseCheckpoint:
 
 
 def layer_bytes(layer: SparseLinear) -> tuple[int, int]:
-    """(bytes stored: values, metadata, bias; bytes of the same layer as a dense nn.Linear)."""
-    stored = sum(t.numel() * t.element_size() for t in (layer.values, layer.metadata, layer.bias) if t is not None)
+    """(bytes stored: the weight's tensors and the bias; bytes of the same layer as a dense nn.Linear)."""
+    stored = layer.weight_sparse.nbytes + (layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0)
     dense = (layer.in_features + (layer.bias is not None)) * layer.out_features * layer.values.element_size()
     return stored, dense
 
@@ -109,11 +114,13 @@ def _layer_header(layer: SparseLinear) -> dict:
     return {
         "pattern": str(layer.pattern),
         "layout": layer.layout,
-        "dtype": str(layer.values.dtype).removeprefix("torch."),
+        "dtype": str(layer.weight_sparse.dtype).removeprefix("torch."),
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "shape": list(layer.padded_shape),
         "bias": layer.bias is not None,
+        **({"encoding": str(layer.weight_sparse.encoding), "act_bits": layer.act_bits}
+           if layer.weight_sparse.encoding.quantized else {}),
     }
 
 
@@ -319,8 +326,15 @@ def _build_layer(path, name: str, spec, tensors: dict) -> SparseLinear:
     def bad(what):
         return _fail(path, f"layer {name!r}: {what}")
 
-    if not isinstance(spec, dict) or set(spec) != _LAYER_FIELDS:
-        raise bad(f"header entry must have exactly the fields {sorted(_LAYER_FIELDS)}")
+    if not isinstance(spec, dict) or not (set(spec) == _LAYER_FIELDS or set(spec) == _LAYER_FIELDS | _QUANT_FIELDS):
+        raise bad(f"header entry must have exactly the fields {sorted(_LAYER_FIELDS)}, plus {sorted(_QUANT_FIELDS)} "
+                  "for a quantized layer")
+    try:
+        encoding = as_encoding(spec.get("encoding", "float"))
+    except ValueError as e:
+        raise bad(str(e)) from None
+    if spec.get("act_bits") not in (None, 8):
+        raise bad(f"act_bits {spec['act_bits']!r} is not one SparseLinear runs (8, or null)")
     try:
         pattern = as_pattern(spec["pattern"])
     except (TypeError, ValueError) as e:
@@ -335,19 +349,23 @@ def _build_layer(path, name: str, spec, tensors: dict) -> SparseLinear:
     if len(ints) != 4 or not all(type(i) is int and i > 0 for i in ints) or not isinstance(spec["bias"], bool):
         raise bad("in_features, out_features and shape [rows, cols] must be positive integers, bias a bool")
     prefix = f"{name}." if name else ""
-    needed = list(layout.tensor_names) + (["bias"] if spec["bias"] else [])
+    # the layout's, plus W^T's for a transposable pattern, plus the encoding's (scales)
+    names = tensor_names(layout, pattern) + encoding.tensor_names
+    needed = list(names) + (["bias"] if spec["bias"] else [])
     missing = [prefix + k for k in needed if prefix + k not in tensors]
     if missing:
         raise bad(f"tensor(s) {', '.join(missing)} missing from the file")
-    parts = {k: tensors[prefix + k] for k in layout.tensor_names}
+    parts = {k: tensors[prefix + k] for k in names}
     values = parts["values"]
     dtype = _DTYPES[spec["dtype"]]
-    if values.dtype != dtype:
+    if not encoding.quantized and values.dtype != dtype:
         raise bad(f"values are {values.dtype} but the header says {dtype}")
-    try:  # the layout validates: dtype/pattern/shape fit, its tensors' shapes, every index
-        sw = NMSparseWeight(**parts, shape=tuple(spec["shape"]), pattern=pattern, layout=layout)
+    try:  # the layout and the encoding validate: dtype/pattern/shape fit, tensors' shapes, every index and code
+        sw = NMSparseWeight(**parts, shape=tuple(spec["shape"]), pattern=pattern, layout=layout, encoding=encoding,
+                            float_dtype=dtype if encoding.quantized else None)
         return SparseLinear.from_compressed(
-            sw, tensors[prefix + "bias"] if spec["bias"] else None, spec["in_features"], spec["out_features"]
+            sw, tensors[prefix + "bias"] if spec["bias"] else None, spec["in_features"], spec["out_features"],
+            act_bits=spec.get("act_bits"),
         )
     except (TypeError, ValueError) as e:
         raise bad(str(e)) from None
@@ -452,10 +470,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, verify: boo
                     f"but {target.pattern} in the model",
                 )
             layer.backend = target.backend
-            reference = target.values
+            device, dtype = target.values.device, target.weight_sparse.dtype  # (a quantized layer's float dtype)
         else:
-            reference = target.weight
-        swaps.append((name, layer, reference.device, reference.dtype))
+            device, dtype = target.weight.device, target.weight.dtype
+        swaps.append((name, layer, device, dtype))
     # Check the rest against the model as it will be, before changing anything.
     dense_state = checkpoint.tensors
     expected = {k: v for k, v in model.state_dict().items() if not any(k.startswith(f"{n}.") for n, *_ in swaps)}

@@ -109,10 +109,12 @@ def _load_source(source: str, dtype: torch.dtype) -> tuple[nn.Module, dict]:
 def cmd_sparsify(args) -> int:
     from . import checkpoint, dispatch
     from . import nn as nxm_nn
+    from .encodings import from_bits
     from .pattern import as_pattern
 
     try:
-        as_pattern(args.pattern)
+        pattern = as_pattern(args.pattern)
+        from_bits(args.bits, args.group_size).check(torch.float32, (1, pattern.block[1]), pattern, None)
         if args.backend != "auto":
             dispatch.get_backend(args.backend)
     except ValueError as e:
@@ -125,6 +127,9 @@ def cmd_sparsify(args) -> int:
         exclude=args.exclude,
         backend=args.backend,
         progress=None if args.quiet else _progress_bar,
+        weight_bits=args.bits,
+        group_size=args.group_size,
+        act_bits=args.act_bits,
     )
     print(report)
     if not report.converted:
@@ -248,16 +253,20 @@ def cmd_inspect(args) -> int:
         print(f"source       {info['source']} ({info.get('architecture', 'unknown architecture')})")
     patterns = sorted({str(layer.pattern) for layer in ckpt.layers.values()})
     print(f"sparse layers {len(ckpt.layers)} (pattern {', '.join(patterns) or 'none'})")
-    rows = [("layer", "in->out", "pattern", "layout", "dtype", "bytes", "of dense")]
+    rows = [("layer", "in->out", "pattern", "layout", "dtype", "values", "scales min/mean/max", "bytes", "of dense")]
     for name, layer in ckpt.layers.items():
         stored, dense = checkpoint.layer_bytes(layer)
+        sw = layer.weight_sparse
         rows.append(
             (
                 name,
                 f"{layer.in_features}->{layer.out_features}",
                 str(layer.pattern),
                 layer.layout,
-                str(layer.values.dtype).removeprefix("torch."),
+                str(sw.dtype).removeprefix("torch."),
+                # bits and group size, e.g. int4-g128 (int8: one scale per row), and W8A8's activations
+                str(sw.encoding) + (f" a{layer.act_bits}" if layer.act_bits else ""),
+                _scale_stats(sw.scales),
                 f"{stored:,}",
                 f"{stored / dense:.1%}",
             )
@@ -272,6 +281,12 @@ def cmd_inspect(args) -> int:
     print(f"other tensors: {len(ckpt.tensors)} ({other:,} bytes)")
     print("validation   OK (header, patterns, layouts, dtypes, shapes, every metadata index)")
     return 0
+
+
+def _scale_stats(scales) -> str:
+    if scales is None:
+        return "-"
+    return f"{scales.min().item():.3g}/{scales.mean().item():.3g}/{scales.max().item():.3g}"
 
 
 VERIFY_CORRUPT, VERIFY_UNREADABLE, VERIFY_NO_CHECKSUMS = 3, 4, 5
@@ -357,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", metavar="GLOB", help="only layers whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers whose name matches (repeatable)")
     p.add_argument("--backend", default="auto", help="backend the layers run on (default auto; see nxm backends)")
+    p.add_argument("--bits", type=int, choices=(8, 4), help="store the kept weights as int8 or int4 codes with "
+                   "fp32 scales (default: the weight dtype)")
+    p.add_argument("--group-size", type=int, metavar="G", help="with --bits: one scale per G input features, a "
+                   "multiple of m, e.g. 128 (default: one per output row)")
+    p.add_argument("--act-bits", type=int, choices=(8,), help="with --bits: quantize activations per token to int8 "
+                   "and multiply integers (W8A8)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_sparsify)
 

@@ -1,5 +1,6 @@
 """Random damage to checkpoints: every damaged copy is refused with CheckpointError or loads as
-exactly the saved model. One checkpoint per stored layout and value dtype, four kinds of damage:
+exactly the saved model. One checkpoint per stored layout and value dtype, and per quantized
+encoding each layout holds (int8 per row, int4 in groups; fp32 weights), four kinds of damage:
 one bit flipped in the JSON header, one bit flipped in the tensor data, the file truncated, a run
 of up to 15 random bytes written anywhere. Without verification, the same damage loads silently
 as a different model, which is what the checksums are for."""
@@ -11,10 +12,21 @@ import torch
 from torch import nn
 
 import nxm_kernels as nxm
+from nxm_kernels.encodings import as_encoding
+from nxm_kernels.layouts import get_layout
 from nxm_kernels.nn import FLOAT_DTYPES, STORED_LAYOUTS, SparseLinear
 
-COPIES_PER_KIND = 25  # x 4 kinds x 6 checkpoints (2 layouts x 3 dtypes) = 600 copies
+COPIES_PER_KIND = 25  # x 4 kinds x each checkpoint of CASES
 KINDS = ("header bit", "data bit", "truncation", "random run")
+QUANTIZED = ("int8", "int4-g32")  # one per quantized encoding kind
+# (layout, encoding, dtype): every stored layout in every float dtype, and every quantized
+# encoding it holds.
+CASES = [(layout, "float", dtype) for layout in STORED_LAYOUTS for dtype in FLOAT_DTYPES] + [
+    (layout, encoding, torch.float32)
+    for layout in STORED_LAYOUTS
+    for encoding in QUANTIZED
+    if as_encoding(encoding).name in get_layout(layout).encodings
+]
 
 
 def dense_model(dtype):
@@ -22,17 +34,19 @@ def dense_model(dtype):
     return nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64), nn.Linear(64, 8)).to(dtype)
 
 
-def sparse_model(layout, dtype):
-    """``dense_model`` with its first Linear in ``layout``, in the first pattern the layout holds
-    for ``dtype`` (cutlass: 2:4 for fp16/bf16, 1:2 for fp32)."""
+def sparse_model(layout, dtype, encoding="float"):
+    """``dense_model`` with its first Linear in ``layout`` and ``encoding``, in the first pattern
+    the layout holds for ``dtype`` (cutlass: 2:4 for fp16/bf16 and int8, 1:2 for fp32; block: 2:2x2)."""
     model = dense_model(dtype)
-    for pattern in ("2:4", "1:2"):
+    encoding = as_encoding(encoding)
+    for pattern in ("2:4", "1:2", "2:2x2"):
         try:
-            model[0] = SparseLinear.from_dense(model[0], pattern, layout=layout)
+            model[0] = SparseLinear.from_dense(model[0], pattern, layout=layout, weight_bits=encoding.bits,
+                                               group_size=encoding.group_size)
             return model
         except (TypeError, ValueError):
             continue
-    raise AssertionError(f"layout {layout} holds {dtype} in neither 2:4 nor 1:2")
+    raise AssertionError(f"layout {layout} holds {dtype} in none of 2:4, 1:2, 2:2x2")
 
 
 def outputs(model, dtype):
@@ -65,32 +79,38 @@ def fuzz(tmp_path, verify: bool) -> dict[str, list[str]]:
     """Load damaged copies of each checkpoint; the copies sorted by outcome."""
     rng = random.Random(21)
     found = {"refused": [], "identical": [], "silently different": [], "crashed": []}
-    for layout in STORED_LAYOUTS:
-        for dtype in FLOAT_DTYPES:
-            model = sparse_model(layout, dtype)
-            assert model[0].layout == layout
-            saved, damaged = tmp_path / "saved.safetensors", tmp_path / "damaged.safetensors"
-            nxm.save(model, saved)
-            data, expected, state = saved.read_bytes(), outputs(model, dtype), model.state_dict()
-            for kind in KINDS:
-                for _ in range(COPIES_PER_KIND):
-                    damaged.write_bytes(damage(data, kind, rng))
-                    case = f"{layout} {dtype} {kind}"
-                    try:
-                        loaded = nxm.load(damaged, dense_model(dtype), verify=verify)
-                        got, got_state = outputs(loaded, dtype), loaded.state_dict()
-                    except nxm.CheckpointError:
-                        found["refused"].append(case)
-                        continue
-                    except Exception as e:  # what the test is looking for: any other exception
-                        found["crashed"].append(f"{case}: {type(e).__name__}: {e}")
-                        continue
-                    unchanged = same_bits(got, expected) and all(
-                        same_bits(got_state[k], v) for k, v in state.items()
-                    )
-                    found["identical" if unchanged else "silently different"].append(case)
-    assert sum(map(len, found.values())) == len(STORED_LAYOUTS) * len(FLOAT_DTYPES) * len(KINDS) * COPIES_PER_KIND
+    for layout, encoding, dtype in CASES:
+        model = sparse_model(layout, dtype, encoding)
+        assert model[0].layout == layout and model[0].weight_sparse.encoding == encoding
+        saved, damaged = tmp_path / "saved.safetensors", tmp_path / "damaged.safetensors"
+        nxm.save(model, saved)
+        data, expected, state = saved.read_bytes(), outputs(model, dtype), model.state_dict()
+        for kind in KINDS:
+            for _ in range(COPIES_PER_KIND):
+                damaged.write_bytes(damage(data, kind, rng))
+                case = f"{layout} {encoding} {dtype} {kind}"
+                try:
+                    loaded = nxm.load(damaged, dense_model(dtype), verify=verify)
+                    got, got_state = outputs(loaded, dtype), loaded.state_dict()
+                except nxm.CheckpointError:
+                    found["refused"].append(case)
+                    continue
+                except Exception as e:  # what the test is looking for: any other exception
+                    found["crashed"].append(f"{case}: {type(e).__name__}: {e}")
+                    continue
+                unchanged = same_bits(got, expected) and all(
+                    same_bits(got_state[k], v) for k, v in state.items()
+                )
+                found["identical" if unchanged else "silently different"].append(case)
+    assert sum(map(len, found.values())) == len(CASES) * len(KINDS) * COPIES_PER_KIND
     return found
+
+
+def test_cases_cover_every_stored_layout_and_encoding():
+    held = {(layout, kind) for layout in STORED_LAYOUTS for kind in get_layout(layout).encodings}
+    covered = {(layout, as_encoding(encoding).name) for layout, encoding, _ in CASES}
+    assert covered == held
+    assert {"int8", "int4"} <= {kind for _, kind in held}
 
 
 def test_every_damaged_copy_is_refused_or_loads_identically(tmp_path):

@@ -14,8 +14,9 @@ from torch import nn
 
 from .. import dispatch, ops
 from ..layouts import NMSparseWeight
+from ..layouts.weight import TRANSPOSED_NAMES, tensor_names
 from ..pattern import PatternLike, as_pattern
-from .autograd import sparse_linear
+from .autograd import linear_plan, sparse_linear
 from .policy import (
     _backend_arg,
     _check_float,
@@ -26,6 +27,10 @@ from .policy import (
     _sparse_weight,
     derived_layouts,
 )
+
+# Backends may refuse tensors of 2**31 elements or more (32-bit offsets): an eager plan made for a
+# smaller input does not serve a larger one.
+_LARGE_INPUT = 2**31
 
 class SparseLinear(nn.Module):
     """``y = x @ W.T + bias`` with W an N:M weight held compressed in buffers.
@@ -68,17 +73,23 @@ class SparseLinear(nn.Module):
         bias_tensor = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
         self._init(sw, bias_tensor, in_features, out_features, backend)
 
-    def _init(self, sw: NMSparseWeight, bias, in_features: int, out_features: int, backend: str) -> None:
+    def _init(self, sw: NMSparseWeight, bias, in_features: int, out_features: int, backend: str,
+              act_bits: int | None = None) -> None:
         if backend != "auto":
             dispatch.get_backend(backend)  # an unknown name fails here, not at the first forward
         _check_stored(sw.layout)
+        if act_bits is not None and (act_bits != 8 or not sw.encoding.quantized):
+            raise ValueError(f"act_bits={act_bits!r} with {sw.encoding} weights: act_bits=8 (W8A8) needs "
+                             "weight_bits=8 (or 4); leave act_bits=None for float activations")
+        self._encoding, self._float_dtype, self.act_bits = sw.encoding, sw.float_dtype, act_bits
         self.in_features, self.out_features = in_features, out_features
         self.pattern, self._layout, self.backend = sw.pattern, sw.layout, backend
         self._shape = sw.shape
-        self.register_buffer("values", sw.values)
-        self.register_buffer("metadata", sw.metadata)
+        for name, tensor in sw.tensors().items():  # values, metadata, and what else the weight holds (W^T's)
+            self.register_buffer(name, tensor)
         self.register_buffer("bias", bias)
         self._run_form = None  # (key, backend-specific form or None): see backend_form()
+        self._plan = None  # (key, callable of x, the buffers): the eager forward, see forward()
 
     @classmethod
     def from_compressed(
@@ -88,6 +99,7 @@ class SparseLinear(nn.Module):
         in_features: int | None = None,
         out_features: int | None = None,
         backend: str = "auto",
+        act_bits: int | None = None,
     ) -> "SparseLinear":
         """Wrap a compressed weight. ``sw.shape`` must be :func:`padded_shape` of
         ``(out_features, in_features)`` (both default to ``sw.shape``)."""
@@ -96,7 +108,7 @@ class SparseLinear(nn.Module):
         _check_float(sw.dtype)
         out_features = sw.out_features if out_features is None else out_features
         in_features = sw.in_features if in_features is None else in_features
-        want = sw.layout.padded_shape(out_features, in_features, sw.pattern, sw.dtype)
+        want = sw.layout.padded_shape(out_features, in_features, sw.pattern, sw.encoding.element_dtype(sw.dtype))
         if sw.shape != want:
             raise ValueError(
                 f"a {out_features}x{in_features} {sw.pattern} {sw.layout} {sw.dtype} layer is stored as "
@@ -110,7 +122,7 @@ class SparseLinear(nn.Module):
             )
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module._init(sw, bias, in_features, out_features, backend)
+        module._init(sw, bias, in_features, out_features, backend, act_bits)
         return module
 
     @classmethod
@@ -122,8 +134,16 @@ class SparseLinear(nn.Module):
         scores: torch.Tensor | None = None,
         backend: str = "auto",
         layout: str | None = None,
+        weight_bits: int | None = None,
+        group_size: int | None = None,
+        act_bits: int | None = None,
     ) -> "SparseLinear":
         """The layer with its weight projected onto ``pattern`` and compressed.
+
+        ``weight_bits=8`` or ``4`` stores the kept values as int8/int4 codes with fp32 scales per
+        row or per ``group_size`` input features (``nxm.compress(bits=, group_size=)``); the
+        forward dequantizes inside the GEMM (W8A16/W4A16), or with ``act_bits=8`` quantizes the
+        activations per token and multiplies integers (W8A8).
 
         Selection keeps the n largest ``|w|`` of every m (or the largest ``scores``, e.g. Wanda's
         ``|w| * ||x||``); ``mask`` (bool, at most n True per group, e.g. from training) keeps
@@ -143,9 +163,9 @@ class SparseLinear(nn.Module):
             if not isinstance(scores, torch.Tensor) or scores.shape != w.shape:
                 raise ValueError(f"scores must be a tensor of the weight's shape {tuple(w.shape)}")
             scores = scores.detach()
-        sw = _compress_layer(w, pattern, layout, scores, backend)
+        sw = _compress_layer(w, pattern, layout, scores, backend, weight_bits, group_size)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
-        return cls.from_compressed(sw, bias, linear.in_features, linear.out_features, backend)
+        return cls.from_compressed(sw, bias, linear.in_features, linear.out_features, backend, act_bits)
 
     @property
     def layout(self) -> str:
@@ -155,23 +175,63 @@ class SparseLinear(nn.Module):
     @property
     def weight_sparse(self) -> NMSparseWeight:
         """The stored (padded) compressed weight."""
-        return _sparse_weight(self.values, self.metadata, self._shape, self.pattern, self._layout)
+        return _sparse_weight(self.values, self.metadata, self._shape, self.pattern, self._layout, **self._transposed(),
+                              **self._encoded(getattr(self, "scales", None)))
+
+    def _encoded(self, scales) -> dict:
+        """A quantized weight's fields besides its layout's (empty for the float encoding)."""
+        if not self._encoding.quantized:
+            return {}
+        return {"scales": scales, "encoding": self._encoding, "float_dtype": self._float_dtype}
+
+    def _transposed(self) -> dict:
+        """W^T's buffers, for a transposable pattern (empty otherwise)."""
+        return {name: getattr(self, name) for name in tensor_names(self._layout, self.pattern) if name in TRANSPOSED_NAMES}
 
     @property
     def padded_shape(self) -> tuple[int, int]:
         return self._shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"input has {x.shape[-1]} features in its last dimension, but this SparseLinear "
-                f"takes in_features={self.in_features}"
-            )
-        if torch.compiler.is_compiling():
-            run = self._run_form[1] if self._run_form is not None else None  # made by an eager call
-        else:
-            run = self.backend_form()
-        return sparse_linear(
+        compiling = torch.compiler.is_compiling()
+        if compiling or (x.requires_grad and torch.is_grad_enabled()):
+            # One opaque op for torch.compile (no graph break), with its autograd formula.
+            if x.shape[-1] != self.in_features:
+                raise self._features_error(x)
+            run_form = self._run_form  # compiling reads what an eager call made, never makes it
+            run = (run_form[1] if run_form is not None else None) if compiling else self.backend_form()
+            return sparse_linear(*self._op_args(x, run))
+        # Eager: what the op would check and choose, done once per plan key; a call runs the plan.
+        plan = self._plan  # one read: another thread may replace it
+        key = self._plan_key(x)
+        if plan is None or plan[0] != key:
+            if x.shape[-1] != self.in_features:
+                raise self._features_error(x)
+            # (the buffers are held with the plan, so the ids in its key stay theirs)
+            plan = self._plan = (key, linear_plan(*self._op_args(x, self.backend_form())), self._buffers.copy())
+        return plan[1](x)
+
+    def _features_error(self, x: torch.Tensor) -> ValueError:
+        return ValueError(
+            f"input has {x.shape[-1]} features in its last dimension, but this SparseLinear "
+            f"takes in_features={self.in_features}"
+        )
+
+    def _plan_key(self, x: torch.Tensor) -> tuple:
+        """What an eager plan depends on: x's features, dtype and device (not its batch dimensions),
+        the backend asked for (``NXM_BACKEND`` included), and each buffer's identity and version, which
+        ``.to()``, ``load_state_dict`` and in-place changes move. (Inference tensors have no version:
+        an in-place change to a buffer made under ``torch.inference_mode`` is not seen.)"""
+        return (
+            x.shape[-1], x.dtype, x.device, x.numel() < _LARGE_INPUT, self.backend, os.environ.get("NXM_BACKEND"),
+            *[(id(t), None if t is None or t.is_inference() else t._version) for t in self._buffers.values()],
+        )
+
+    def _op_args(self, x: torch.Tensor, run: NMSparseWeight | None) -> tuple:
+        """The arguments of ``torch.ops.nxm.sparse_linear`` (and of ``linear_plan``) for this layer."""
+        transposed = tuple(self._transposed().values()) or (None, None)
+        quantized = () if not self._encoding.quantized else (self.scales, str(self._encoding), self.act_bits or 0)
+        return (
             x,
             self.values,
             self.metadata,
@@ -185,6 +245,8 @@ class SparseLinear(nn.Module):
             run.metadata if run is not None else None,
             run.layout.name if run is not None else "",
             list(run.shape) if run is not None else [],
+            *transposed,
+            *quantized,
         )
 
     def backend_form(self) -> NMSparseWeight | None:
@@ -212,6 +274,8 @@ class SparseLinear(nn.Module):
         return self._run_form[1]
 
     def _make_backend_form(self) -> NMSparseWeight | None:
+        if self._encoding.quantized:
+            return None  # the derived forms (cuSPARSELt's buffer) are made from float weights
         dtype, device, backend = self.values.dtype, self.values.device, _backend_arg(self.backend)
         for layout in derived_layouts():
             if layout.kind_reasons(self.pattern):
@@ -261,7 +325,7 @@ class SparseLinear(nn.Module):
         return linear
 
     def _apply(self, fn, recurse=True):
-        self._run_form = None
+        self._run_form = self._plan = None
         before = dict(self._buffers)
         old = self.weight_sparse
         super()._apply(fn, recurse)
@@ -275,6 +339,13 @@ class SparseLinear(nn.Module):
     def _reconcile(self, old: NMSparseWeight, fn) -> None:
         """After ``_apply`` converted the buffers one by one, make them one valid weight again."""
         values, metadata = self.values, self.metadata
+        if self._encoding.quantized:
+            # Integer codes and metadata only move; the fp32 scales stay fp32; the dtype the layer
+            # computes in follows the conversion.
+            self._buffers["scales"] = old.scales.to(values.device)
+            self._float_dtype = fn(torch.empty(0, dtype=old.dtype, device=old.device)).dtype
+            _check_float(self._float_dtype)
+            return
         if not values.is_floating_point() or metadata.dtype != old.metadata.dtype:
             raise TypeError(
                 f"this conversion turned SparseLinear values into {values.dtype} and metadata into "
@@ -284,7 +355,8 @@ class SparseLinear(nn.Module):
         if values.dtype == old.dtype:
             return
         try:
-            NMSparseWeight(values, metadata, old.shape, self.pattern, self._layout, check_metadata=False)
+            NMSparseWeight(values, metadata, old.shape, self.pattern, self._layout, check_metadata=False,
+                           **self._transposed())
             return  # this layout holds the new dtype with the same metadata (packed; cutlass fp16<->bf16)
         except (TypeError, ValueError):
             pass
@@ -292,12 +364,12 @@ class SparseLinear(nn.Module):
         dense = fn(ops.decompress(old))[: self.out_features, : self.in_features]
         sw = _compress_layer(dense, self.pattern, None, None, self.backend)
         self._layout, self._shape = sw.layout, sw.shape
-        self._buffers["values"], self._buffers["metadata"] = sw.values, sw.metadata
+        self._buffers.update(sw.tensors())
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        self._run_form = None
+        self._run_form = self._plan = None
         values, metadata = state_dict.get(prefix + "values"), state_dict.get(prefix + "metadata")
         if values is not None and metadata is not None:
             if values.dtype != self.values.dtype:
@@ -307,8 +379,10 @@ class SparseLinear(nn.Module):
                     "dtype, load, then convert it with .to(dtype)"
                 )
                 return
+            transposed = {name: state_dict.get(prefix + name) for name in self._transposed()}
             try:  # shapes, metadata dtype and every index, against this module's pattern and layout
-                NMSparseWeight(values, metadata, self.padded_shape, self.pattern, self._layout)
+                NMSparseWeight(values, metadata, self.padded_shape, self.pattern, self._layout, **transposed,
+                               **self._encoded(state_dict.get(prefix + "scales")))
             except (TypeError, ValueError) as e:
                 error_msgs.append(
                     f"{prefix}values/metadata do not form this layer's {self.pattern} {self.layout} weight: {e}"
@@ -321,5 +395,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"pattern={self.pattern}, layout={self.layout}, dtype={self.values.dtype}, backend={self.backend}"
+            f"pattern={self.pattern}, layout={self.layout}, dtype={self.weight_sparse.dtype}, backend={self.backend}"
+            + (f", encoding={self._encoding}" if self._encoding.quantized else "")
+            + (f", act_bits={self.act_bits}" if self.act_bits else "")
         )

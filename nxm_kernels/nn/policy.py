@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch, ops
+from ..encodings import from_bits
 from ..layouts import BLOCK, CUTLASS, PACKED, Layout, NMSparseWeight, get_layout, registered_layouts
 from ..layouts.base import round_up as _round_up
 from ..pattern import Pattern
@@ -53,9 +54,10 @@ def padded_shape(out_features: int, in_features: int, pattern: Pattern, layout: 
     return get_layout(layout).padded_shape(out_features, in_features, pattern, dtype)
 
 
-def _sparse_weight(values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern, layout) -> NMSparseWeight:
-    """Rebuild the (trusted) compressed weight from a module's buffers."""
-    return NMSparseWeight(values, metadata, tuple(shape), pattern, layout, check_metadata=False)
+def _sparse_weight(values: torch.Tensor, metadata: torch.Tensor, shape, pattern: Pattern, layout,
+                   **more) -> NMSparseWeight:
+    """Rebuild the (trusted) compressed weight from a module's buffers (``more``: W^T's, see NMSparseWeight)."""
+    return NMSparseWeight(values, metadata, tuple(shape), pattern, layout, check_metadata=False, **more)
 
 
 def _backend_arg(backend: str) -> str | None:
@@ -63,12 +65,16 @@ def _backend_arg(backend: str) -> str | None:
     return None if backend == "auto" else backend
 
 
-def _compress_layer(w: torch.Tensor, pattern: Pattern, layout: str | None, scores, backend: str) -> NMSparseWeight:
-    """Pad ``w`` [out, in] (and ``scores``) to the layout's shape and compress it.
+def _compress_layer(w: torch.Tensor, pattern: Pattern, layout: str | None, scores, backend: str,
+                    bits: int | None = None, group_size: int | None = None) -> NMSparseWeight:
+    """Pad ``w`` [out, in] (and ``scores``) to the layout's shape and compress it (``bits``,
+    ``group_size``: quantized, as ``nxm.compress``).
 
-    ``layout=None``: :func:`default_layout`, unless an explicit ``backend`` cannot run ``sparse_mm``
-    on that layout but can on ``packed`` (e.g. a GEMM that reads only ``packed``).
+    ``layout=None``: :func:`default_layout` (``packed`` for a quantized weight: it holds int8 and
+    int4, and the CPU GEMM reads it), unless an explicit ``backend`` cannot run ``sparse_mm`` on
+    that layout but can on ``packed`` (e.g. a GEMM that reads only ``packed``).
     """
+    element_dtype = from_bits(bits, group_size).element_dtype(w.dtype)
     _check_float(w.dtype)
     out_features, in_features = w.shape
     if backend != "auto":
@@ -79,17 +85,18 @@ def _compress_layer(w: torch.Tensor, pattern: Pattern, layout: str | None, score
 
     def compress(candidate) -> NMSparseWeight:
         candidate = get_layout(candidate)
-        shape = candidate.padded_shape(out_features, in_features, pattern, w.dtype)
-        candidate.check(w.dtype, shape, pattern)
+        shape = candidate.padded_shape(out_features, in_features, pattern, element_dtype)
+        candidate.check(element_dtype, shape, pattern)
         # Padded scores sit below every real score, so a padded position is never kept over a real one.
         padded_scores = (
             None
             if scores is None
             else _pad(scores, shape, torch.finfo(scores.dtype).min if scores.is_floating_point() else 0)
         )
-        return ops.compress(_pad(w, shape, 0), pattern, candidate, scores=padded_scores)
+        return ops.compress(_pad(w, shape, 0), pattern, candidate, scores=padded_scores, bits=bits,
+                            group_size=group_size)
 
-    sw = compress(layout or default_layout(w.dtype, pattern, out_features, in_features))
+    sw = compress(layout or (PACKED if bits else default_layout(w.dtype, pattern, out_features, in_features)))
     if layout is not None or backend == "auto" or sw.layout is PACKED:
         return sw
     chosen = dispatch.get_backend(backend)

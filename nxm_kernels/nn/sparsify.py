@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import ops
+from ..layouts import NMSparseWeight
 from ..pattern import PatternLike, as_pattern
 from ..selection import Selector, layer_pattern_of, marked, select_layers
 from .linear import SparseLinear
@@ -29,6 +31,9 @@ class SparsifyReport:
     params_after: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
+    # layer name -> relative Frobenius error of its quantized weight against the projected one
+    # (weight_bits given): ||dequantized - project(w)|| / ||project(w)||
+    quant_error: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} linear layer(s), skipped {len(self.skipped)}"]
@@ -64,6 +69,9 @@ def sparsify(
     backend: str = "auto",
     inplace: bool = True,
     progress: Callable[[int, int, str], None] | None = None,
+    weight_bits: int | None = None,
+    group_size: int | None = None,
+    act_bits: int | None = None,
 ) -> SparsifyReport:
     """Swap the selected ``nn.Linear`` layers of ``model`` for :class:`SparseLinear`.
 
@@ -78,7 +86,9 @@ def sparsify(
     Layers are also skipped, with the reason in the report, when their weight is tied to another
     module's, is not loaded (meta) or has a dtype that cannot be held. PyTorch's
     ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` are adapted to call their sparse
-    children (see :mod:`nxm_kernels.nn.torch_layers`).
+    children (see :mod:`nxm_kernels.nn.torch_layers`). ``weight_bits``/``group_size``/``act_bits``:
+    quantized layers (see :meth:`SparseLinear.from_dense`); the report gives each layer's
+    quantization error (relative Frobenius, against the projected weight).
     """
     asked = None if pattern is None else as_pattern(pattern)
     if not inplace:
@@ -108,19 +118,25 @@ def sparsify(
             why, layer_scores = _skip_reason(name, linear, scores, owners, parents)
         if why is None:
             try:
-                sparse = SparseLinear.from_dense(linear, patterns[name], scores=layer_scores, backend=backend)
+                sparse = SparseLinear.from_dense(linear, patterns[name], scores=layer_scores, backend=backend,
+                                                 weight_bits=weight_bits, group_size=group_size, act_bits=act_bits)
             except (TypeError, ValueError) as e:
                 why = str(e)
         if why is None:
             sparse.train(linear.training)
             parent, child_name = parents[name]
             setattr(parent, child_name, sparse)
-            dtype = str(sparse.values.dtype).removeprefix("torch.")
+            dtype = str(sparse.weight_sparse.dtype).removeprefix("torch.")
+            quantized = ""
+            if weight_bits is not None:
+                report.quant_error[name] = _quantization_error(linear, sparse)
+                quantized = f" {sparse.weight_sparse.encoding} (error {report.quant_error[name]:.2e})"
             # Weights already N:M (e.g. after ADMM training) convert without dropping any.
             dropped = int(torch.count_nonzero(linear.weight)) - int(torch.count_nonzero(sparse.values))
             trained = f"trained by {trained_by[name]}, " if name in trained_by else ""
             report.converted[name] = (
-                f"{linear.in_features}->{linear.out_features} {patterns[name]} {sparse.layout} {dtype}, {trained}"
+                f"{linear.in_features}->{linear.out_features} {patterns[name]} {sparse.layout} {dtype}{quantized}, "
+                f"{trained}"
                 + (f"dropped {dropped:,} nonzero weights" if dropped else "already N:M, nothing dropped")
             )
         else:
@@ -130,6 +146,19 @@ def sparsify(
     prepare_parents(model)
     report.params_after, report.bytes_after = model_size(model)
     return report
+
+
+def _quantization_error(linear: nn.Linear, sparse: SparseLinear) -> float:
+    """||dequantized - projected|| / ||projected||, in float64 (0 for an all-zero weight)."""
+    dense = sparse.to_dense().weight.detach().to(torch.float64)
+    sw = sparse.weight_sparse
+    # The projection: w at the positions the layout stores (a code may round to 0 inside the pattern).
+    ones = torch.ones(sw.values.shape[0], sw.layout.storage(torch.float32, sw.shape, sw.pattern)["values"].shape[1])
+    stored = NMSparseWeight(ones.to(sw.device), sw.metadata, sw.shape, sw.pattern, sw.layout, check_metadata=False)
+    kept = ops.decompress(stored)[: dense.shape[0], : dense.shape[1]] != 0
+    projected = torch.where(kept, linear.weight.detach().to(torch.float64), 0.0)
+    norm = float(torch.linalg.vector_norm(projected))
+    return float(torch.linalg.vector_norm(dense - projected)) / norm if norm else 0.0
 
 
 def _describe_selection(include, trained_by: dict, patterns: dict) -> str:
