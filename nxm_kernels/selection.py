@@ -15,7 +15,8 @@ whose pruning costs most accuracy. ``include=`` overrides the defaults (a layer 
 target even if it is a head); ``exclude=`` skips layers on top of them.
 
 **Marks.** A sparsifier marks each layer it trains: the module gets the instance attribute
-``_nxm_sparsity = {"pattern": "2:4", "by": "admm"}``. An attribute, not a buffer, so it adds no
+``_nxm_sparsity = {"pattern": "2:4", "by": "admm"}`` (trained quantized: also ``weight_bits``,
+``group_size``, ``act_bits``). An attribute, not a buffer, so it adds no
 ``state_dict`` key; it follows the module through ``copy.deepcopy``, pickling and DDP, but a model
 rebuilt from a ``state_dict`` is unmarked. When any Linear of a model is marked and no
 ``include=`` is given, the targets are exactly the marked layers, each with its own pattern: a
@@ -38,9 +39,15 @@ HEAD_NAMES = ("classifier", "lm_head", "score", "qa_outputs", "head")
 DEFAULT_PATTERN = "2:4"
 
 
-def mark(module: nn.Module, pattern: PatternLike, by: str) -> None:
-    """Record on ``module`` that ``by`` (a sparsifier kind) trains it to ``pattern``."""
-    setattr(module, MARK, {"pattern": str(as_pattern(pattern)), "by": by})
+def mark(module: nn.Module, pattern, by: str) -> None:
+    """Record on ``module`` that ``by`` (a sparsifier kind) trains it to ``pattern`` (a pattern, or
+    a :class:`~nxm_kernels.plan.LayerConfig`: a quantized one adds weight_bits, group_size and
+    act_bits to the mark, which ``sparsify`` then stores the layer with)."""
+    config = pattern if hasattr(pattern, "as_dict") else None
+    record = {"pattern": str(as_pattern(pattern if config is None else config.pattern)), "by": by}
+    if config is not None and config.quantized:
+        record.update({k: v for k, v in config.as_dict().items() if k != "pattern"})
+    setattr(module, MARK, record)
 
 
 def marked(module: nn.Module) -> dict | None:

@@ -13,6 +13,7 @@ from torch import nn
 from .. import ops
 from ..layouts import NMSparseWeight
 from ..pattern import PatternLike, as_pattern
+from ..plan import LayerConfig, PlanLike, load_plan
 from ..selection import Selector, layer_pattern_of, marked, select_layers
 from .linear import SparseLinear
 from .policy import FLOAT_DTYPES
@@ -72,6 +73,7 @@ def sparsify(
     weight_bits: int | None = None,
     group_size: int | None = None,
     act_bits: int | None = None,
+    plan: PlanLike | None = None,
 ) -> SparsifyReport:
     """Swap the selected ``nn.Linear`` layers of ``model`` for :class:`SparseLinear`.
 
@@ -88,18 +90,39 @@ def sparsify(
     ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` are adapted to call their sparse
     children (see :mod:`nxm_kernels.nn.torch_layers`). ``weight_bits``/``group_size``/``act_bits``:
     quantized layers (see :meth:`SparseLinear.from_dense`); the report gives each layer's
-    quantization error (relative Frobenius, against the projected weight).
+    quantization error (relative Frobenius, against the projected weight). A layer trained
+    quantized (its mark has ``weight_bits``) is stored with its mark's encoding unless
+    ``weight_bits`` is given. ``plan`` (:mod:`nxm_kernels.plan`, a JSON path or a mapping): each
+    layer it names with a pattern gets that pattern and encoding; no other layer is converted.
     """
     asked = None if pattern is None else as_pattern(pattern)
+    planned = None if plan is None else {n: c for n, c in load_plan(plan).items() if c.pattern is not None}
+    if planned is not None and (include is not None or asked is not None or weight_bits is not None
+                                or group_size is not None or act_bits is not None):
+        raise ValueError("plan= sets each layer's pattern and encoding and names the layers: give it without "
+                         "pattern=, include=, weight_bits=, group_size= and act_bits=")
     if not inplace:
         model = copy.deepcopy(model)
     report = SparsifyReport(model)
     report.params_before, report.bytes_before = model_size(model)
+    if planned is not None:
+        include = lambda name, _: name in planned  # noqa: E731
     targets, report_skipped = select_layers(model, asked, include, exclude, whole_groups=False)
-    patterns = {name: layer_pattern_of(name, m, asked) for name, m in targets.items()}  # refuses a conflict
+    if planned is not None:
+        missing = sorted(set(planned) - set(targets) - set(report_skipped))
+        if missing:
+            raise ValueError(f"the plan names layers the model has no nn.Linear of: {missing[:5]}; "
+                             "was it made for another model?")
+        configs = {name: planned[name] for name in targets}
+    else:
+        asked_quant = LayerConfig(None, weight_bits, group_size, act_bits)  # SparseLinear checks the values
+        configs = {name: _layer_config(m, layer_pattern_of(name, m, asked), asked_quant)  # refuses a conflict
+                   for name, m in targets.items()}
+    patterns = {name: config.pattern for name, config in configs.items()}
     trained_by = {name: marked(m)["by"] for name, m in targets.items() if marked(m) is not None}
     del targets  # names only from here: conversion streams (see below)
-    report.selection = _describe_selection(include, trained_by, patterns)
+    report.selection = ("the layers the plan names, each with its configuration" if planned is not None
+                        else _describe_selection(include, trained_by, patterns))
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
@@ -118,8 +141,10 @@ def sparsify(
             why, layer_scores = _skip_reason(name, linear, scores, owners, parents)
         if why is None:
             try:
+                config = configs[name]
                 sparse = SparseLinear.from_dense(linear, patterns[name], scores=layer_scores, backend=backend,
-                                                 weight_bits=weight_bits, group_size=group_size, act_bits=act_bits)
+                                                 weight_bits=config.weight_bits, group_size=config.group_size,
+                                                 act_bits=config.act_bits)
             except (TypeError, ValueError) as e:
                 why = str(e)
         if why is None:
@@ -128,7 +153,7 @@ def sparsify(
             setattr(parent, child_name, sparse)
             dtype = str(sparse.weight_sparse.dtype).removeprefix("torch.")
             quantized = ""
-            if weight_bits is not None:
+            if configs[name].quantized:
                 report.quant_error[name] = _quantization_error(linear, sparse)
                 quantized = f" {sparse.weight_sparse.encoding} (error {report.quant_error[name]:.2e})"
             # Weights already N:M (e.g. after ADMM training) convert without dropping any.
@@ -159,6 +184,14 @@ def _quantization_error(linear: nn.Linear, sparse: SparseLinear) -> float:
     projected = torch.where(kept, linear.weight.detach().to(torch.float64), 0.0)
     norm = float(torch.linalg.vector_norm(projected))
     return float(torch.linalg.vector_norm(dense - projected)) / norm if norm else 0.0
+
+
+def _layer_config(module: nn.Module, pattern, asked: LayerConfig) -> LayerConfig:
+    """A layer's configuration: ``pattern``, and the asked encoding, else its mark's (trained quantized)."""
+    mk = marked(module) or {}
+    if asked.quantized or mk.get("weight_bits") is None:
+        return LayerConfig(pattern, asked.weight_bits, asked.group_size, asked.act_bits)
+    return LayerConfig(pattern, mk["weight_bits"], mk.get("group_size"), mk.get("act_bits"))
 
 
 def _describe_selection(include, trained_by: dict, patterns: dict) -> str:

@@ -85,6 +85,7 @@ class ADMMSparsifier(NMSparsifier):
     """
 
     kind = "admm"
+    _sparse_forward = False  # the W-step trains dense W; quantized layers see its rounding only
 
     def __init__(
         self,
@@ -98,8 +99,9 @@ class ADMMSparsifier(NMSparsifier):
         penalty: str = "loss",
         init: str | None = None,
         calibration=None,
+        **quantization,
     ):
-        super().__init__(model, pattern, include, exclude)
+        super().__init__(model, pattern, include, exclude, **quantization)
         if init not in INITS:
             raise ValueError(f"init must be None or one of {INITS[1:]}, got {init!r}")
         if not (isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho)):
@@ -122,12 +124,14 @@ class ADMMSparsifier(NMSparsifier):
             raise ValueError(f"init={init!r} prunes a copy of the whole model, which FSDP shards: build the "
                              "sparsifier with init=None, or prune the unsharded model with nxm_kernels.training.prune "
                              "first and shard it afterwards")
-        start = None if init is None else _one_shot_weights(model, self.pattern, list(self.targets), init, calibration)
+        if init is not None and len({c.pattern for c in self.configs.values()}) > 1:
+            raise ValueError(f"init={init!r} prunes every layer to one pattern, the plan has several: use init=None")
+        start = None if init is None else _one_shot_weights(
+            model, next(iter(self.configs.values())).pattern, list(self.targets), init, calibration)
         with torch.no_grad():
             for name, module in self.targets.items():
                 w = self._master(module.weight)
-                self.Z[name] = (ops.project(w, self.pattern, self.pattern.projection_scores(w)) if start is None
-                                else start[name].to(w.dtype))
+                self.Z[name] = self._z(name, w) if start is None else self._z(name, start[name].to(w.dtype))
                 self.U[name] = torch.zeros_like(w)
 
     def penalty(self) -> torch.Tensor:
@@ -197,12 +201,18 @@ class ADMMSparsifier(NMSparsifier):
         moved = []
         for n, module in self.targets.items():
             w = self._master(module.weight)
-            v = w + self.U[n]
-            z = ops.project(v, self.pattern, self.pattern.projection_scores(v))  # Euclidean for every kind
+            z = self._z(n, w + self.U[n])
             moved.append((z - self.Z[n], module.weight))
             self.Z[n] = z
             self.U[n].add_(w - z)
         self.last_dual = sharding.sq_norm(moved)
+
+    def _z(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """The Z-step's projection: onto the N:M set (Euclidean for every kind: scores v^2), then,
+        for a quantized layer, rounded to its grid (the scales of the kept values)."""
+        config = self.configs[name]
+        z = ops.project(v, config.pattern, config.pattern.projection_scores(v))
+        return z if not config.quantized else ops.fake_quant(z, config.pattern, config.weight_bits, config.group_size)
 
     def _scheduled_rho(self, step: int) -> float:
         return self.base_rho * (self.rho_schedule(step) if self.rho_schedule is not None else 1.0)

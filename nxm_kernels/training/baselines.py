@@ -12,10 +12,10 @@ import types
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .. import ops
 from ..pattern import Pattern, PatternLike
+from . import qat
 from .common import NMSparsifier, Selector
 
 
@@ -25,9 +25,10 @@ class MagnitudePruner(NMSparsifier):
     kind = "magnitude"
 
     def __init__(
-        self, model: nn.Module, pattern: PatternLike = "2:4", include: Selector = None, exclude: Selector = None
+        self, model: nn.Module, pattern: PatternLike = "2:4", include: Selector = None, exclude: Selector = None,
+        **quantization,
     ):
-        super().__init__(model, pattern, include, exclude)
+        super().__init__(model, pattern, include, exclude, **quantization)
         self.finalize()
 
 
@@ -48,7 +49,7 @@ class _SparseRefinedSTE(torch.autograd.Function):
 
 
 def _srste_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, _SparseRefinedSTE.apply(self.weight, self._nxm_pattern, self._nxm_decay), self.bias)
+    return qat.linear(self, x, _SparseRefinedSTE.apply(self.weight, self._nxm_pattern, self._nxm_decay))
 
 
 class SRSTESparsifier(NMSparsifier):
@@ -69,13 +70,14 @@ class SRSTESparsifier(NMSparsifier):
         decay: float = 2e-4,
         include: Selector = None,
         exclude: Selector = None,
+        **quantization,
     ):
-        super().__init__(model, pattern, include, exclude)
+        super().__init__(model, pattern, include, exclude, **quantization)
         if not decay >= 0:
             raise ValueError(f"decay must be >= 0, got {decay!r}")
         self.decay = float(decay)
-        for module in self.targets.values():
-            module._nxm_pattern, module._nxm_decay = self.pattern, self.decay
+        for name, module in self.targets.items():
+            module._nxm_pattern, module._nxm_decay = self.configs[name].pattern, self.decay
             module.forward = types.MethodType(_srste_forward, module)
 
     def _cannot_train(self, parent: nn.Module | None) -> str | None:
@@ -101,5 +103,5 @@ class SRSTESparsifier(NMSparsifier):
 
     def _restore_forward(self) -> None:
         for module in self.targets.values():
-            if "forward" in module.__dict__:
+            if getattr(module.__dict__.get("forward"), "__func__", None) is _srste_forward:
                 del module.forward, module._nxm_pattern, module._nxm_decay

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..encodings import from_bits
 from ..pattern import PatternLike, as_pattern
+from ..plan import LayerConfig, PlanLike, load_plan
 from ..selection import Selector, mark, select_layers
-from . import masking, sharding
+from . import masking, qat, sharding
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -53,15 +55,44 @@ class NMSparsifier:
         sparsifier.step()
         ...
         sparsifier.finalize()   # then keep training: the masks stay fixed
+
+    Quantization-aware training (:mod:`.qat`): ``weight_bits=8`` or ``4`` (``group_size=`` input
+    features per scale, ``act_bits=8`` for int8 activations) trains every target through
+    ``nxm.fake_quant``; ``finalize()`` leaves weights that ``sparsify`` stores exactly. ``plan=``
+    (:mod:`nxm_kernels.plan`: a JSON path or a mapping) gives each layer it names its own pattern
+    and encoding instead of ``pattern``/``weight_bits``/...; its dense layers are not targets.
+    ``configs`` holds each target's :class:`~nxm_kernels.plan.LayerConfig`.
     """
 
     kind = "base"
 
     def __init__(
-        self, model: nn.Module, pattern: PatternLike = "2:4", include: Selector = None, exclude: Selector = None
+        self, model: nn.Module, pattern: PatternLike = "2:4", include: Selector = None, exclude: Selector = None,
+        *, weight_bits: int | None = None, group_size: int | None = None, act_bits: int | None = None,
+        plan: PlanLike | None = None,
     ):
-        self.pattern = as_pattern(pattern)
-        self.targets, self.skipped = select_linears(model, self.pattern, include, exclude)
+        if plan is None:
+            self.pattern = as_pattern(pattern)
+            self.targets, self.skipped = select_linears(model, self.pattern, include, exclude)
+            config = LayerConfig.make(self.pattern, weight_bits, group_size, act_bits)
+            self.configs = {name: config for name in self.targets}
+        else:
+            if include is not None or weight_bits is not None or act_bits is not None or group_size is not None:
+                raise ValueError("plan= sets each layer's pattern and encoding and names the layers: give it without "
+                                 "include=, weight_bits=, group_size= and act_bits=")
+            planned = {n: c for n, c in load_plan(plan).items() if c.pattern is not None}
+            missing = sorted(set(planned) - {n for n, m in unwrap(model).named_modules() if isinstance(m, nn.Linear)})
+            if missing:
+                raise ValueError(f"the plan names layers the model has no nn.Linear of: {missing[:5]}; "
+                                 "was it made for another model?")
+            self.pattern = None  # one per layer: self.configs
+            self.targets, self.skipped = select_linears(model, None, lambda name, _: name in planned, exclude)
+            self.configs = {name: planned[name] for name in self.targets}
+        for name, module in self.targets.items():
+            self.configs[name].pattern.check_shape(module.weight.shape, f"layer {name!r}")
+            if self.configs[name].quantized:
+                from_bits(self.configs[name].weight_bits, self.configs[name].group_size).check(
+                    module.weight.dtype, module.weight.shape, self.configs[name].pattern, None)
         parents = {f"{p}.{c}" if p else c: parent for p, parent in unwrap(model).named_modules()
                    for c, _ in parent.named_children()}
         for name in list(self.targets):
@@ -71,10 +102,13 @@ class NMSparsifier:
                 self.skipped[name] = why
         if not self.targets:
             raise ValueError(f"{type(self).__name__} can train none of the selected layers: {self.skipped}")
+        self.configs = {name: self.configs[name] for name in self.targets}
         for name, module in self.targets.items():
-            sharding.check_shards(name, module.weight, self.pattern)
-        for module in self.targets.values():
-            mark(module, self.pattern, self.kind)
+            sharding.check_shards(name, module.weight, self.configs[name].pattern)
+        for name, module in self.targets.items():
+            mark(module, self.configs[name], self.kind)
+            if self.configs[name].quantized:
+                qat.install(module, self.configs[name], sparse=self._sparse_forward)
         self.masks: dict[str, torch.Tensor] | None = None
         self.steps = 0
 
@@ -95,14 +129,21 @@ class NMSparsifier:
         """Distance of the weights from the N:M set, relative: ||W - project(W)|| / ||W||."""
         with torch.no_grad():
             pairs = [(sharding.local(m.weight.detach()), m.weight) for m in self.targets.values()]
-            off = [(w - ops.project(w, self.pattern), weight) for w, weight in pairs]
+            off = [(w - ops.project(w, self.configs[n].pattern), weight) for (w, weight), n in zip(pairs, self.targets)]
             return {"primal": (sharding.sq_norm(off) / max(sharding.sq_norm(pairs), 1e-30)) ** 0.5}
 
     def finalize(self) -> "NMSparsifier":
-        """Hard-prune W = project(W) and fix the masks for masked fine-tuning."""
+        """Hard-prune W = project(W) and fix the masks for masked fine-tuning. Quantized layers:
+        W = fake_quant(W), the value ``sparsify`` stores, and the forward selects and quantizes
+        from here on; masked fine-tuning moves W off the grid again (the forward does not), so
+        each later call rounds it again."""
         if not self.finalized:
-            self._fix_masks({n: ops.nm_mask(sharding.local(m.weight.detach()), self.pattern)
+            self._fix_masks({n: ops.nm_mask(sharding.local(m.weight.detach()), self.configs[n].pattern)
                              for n, m in self.targets.items()})
+        for name, module in self.targets.items():
+            if self.configs[name].quantized:
+                qat.round_to_grid(module, self.configs[name])
+                qat.install(module, self.configs[name], sparse=True)
         return self
 
     @property
@@ -110,16 +151,18 @@ class NMSparsifier:
         return self.masks is not None
 
     def remove(self) -> None:
-        """Release the fixed masks and their hooks: the pattern is no longer enforced (the
-        weights keep their values, the layers their marks)."""
+        """Release the fixed masks and their hooks and the quantized forward: the pattern is no
+        longer enforced (the weights keep their values, the layers their marks)."""
         for module in self.targets.values():
             masking.release(module)
+            qat.remove(module)
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
             "kind": self.kind,
             "pattern": str(self.pattern),
+            "configs": {n: c.as_dict() for n, c in self.configs.items()},
             "targets": list(self.targets),
             "steps": self.steps,
             "masks": None if self.masks is None else {n: m.clone() for n, m in self.masks.items()},
@@ -136,12 +179,19 @@ class NMSparsifier:
                 f"state targets {state['targets']} differ from this sparsifier's {list(self.targets)}: "
                 "build it on the same model with the same include/exclude"
             )
+        if state.get("configs", {n: c.as_dict() for n, c in self.configs.items()}) != {
+                n: c.as_dict() for n, c in self.configs.items()}:
+            raise ValueError("state is for other layer configurations (patterns, weight_bits, group_size, act_bits) "
+                             "than this sparsifier's: build it with the same settings or plan")
         self.steps = int(state["steps"])
         if state["masks"] is not None:
             self.remove()
             self._fix_masks({n: state["masks"][n].to(m.weight.device) for n, m in self.targets.items()})
 
     # -- helpers --------------------------------------------------------------------------------
+    # Whether a quantized forward selects N:M before finalize(): yes, but for ADMM's dense W-step.
+    _sparse_forward = True
+
     def _cannot_train(self, parent: nn.Module | None) -> str | None:
         """Why a selected layer under ``parent`` cannot be trained by this method (None: it can)."""
         return None

@@ -1,0 +1,93 @@
+"""A layer's compression configuration, and plans: one configuration per layer name.
+
+A plan is what ``nxm_kernels.training.search`` writes and what ``sparsify(model, plan=...)``,
+every sparsifier (``plan=``) and ``nxm sparsify --plan`` read, as JSON::
+
+    {"bert.encoder.layer.0.attention.self.query": {"pattern": "2:4", "weight_bits": 8,
+                                                   "group_size": null, "act_bits": null}, ...}
+
+``pattern: null`` keeps a layer dense (float); a layer the plan does not name is not touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+from .encodings import from_bits
+from .pattern import PatternKind, PatternLike, as_pattern
+
+FIELDS = ("pattern", "weight_bits", "group_size", "act_bits")
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one Linear is stored: its pattern (None: dense float) and value encoding."""
+
+    pattern: PatternKind | None
+    weight_bits: int | None = None
+    group_size: int | None = None
+    act_bits: int | None = None
+
+    @classmethod
+    def make(cls, pattern: PatternLike | None, weight_bits=None, group_size=None, act_bits=None) -> "LayerConfig":
+        config = cls(None if pattern is None else as_pattern(pattern), weight_bits, group_size, act_bits)
+        from_bits(weight_bits, group_size)  # refuses bad bits / group_size, with the reason
+        if act_bits is not None and (act_bits != 8 or weight_bits is None):
+            raise ValueError(f"act_bits={act_bits!r}: act_bits=8 (int8 activations per token) needs weight_bits=8 "
+                             "or 4; leave act_bits=None for float activations")
+        if pattern is None and weight_bits is not None:
+            raise ValueError(f"a dense layer with weight_bits={weight_bits}: quantized weights are stored N:M "
+                             "(give a pattern), or keep the layer dense float (weight_bits=None)")
+        return config
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight_bits is not None
+
+    def as_dict(self) -> dict:
+        return {"pattern": None if self.pattern is None else str(self.pattern), "weight_bits": self.weight_bits,
+                "group_size": self.group_size, "act_bits": self.act_bits}
+
+    def __str__(self) -> str:
+        if self.pattern is None:
+            return "dense"
+        bits = "fp" if self.weight_bits is None else f"int{self.weight_bits}"
+        group = "" if self.group_size is None else f" g{self.group_size}"
+        act = "" if self.act_bits is None else f" a{self.act_bits}"
+        return f"{self.pattern} {bits}{group}{act}"
+
+
+PlanLike = Union[str, os.PathLike, Mapping[str, Union[LayerConfig, Mapping]]]
+
+
+def load_plan(plan: PlanLike) -> dict[str, LayerConfig]:
+    """``{layer name: LayerConfig}`` from a plan: a JSON file's path, or a mapping of layer names to
+    LayerConfigs or dicts with the keys of :data:`FIELDS`."""
+    if isinstance(plan, (str, os.PathLike)):
+        with open(plan) as f:
+            plan = json.load(f)
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"a plan is a JSON file or a mapping of layer names to configurations, got {type(plan).__name__}")
+    configs = {}
+    for name, entry in plan.items():
+        if isinstance(entry, LayerConfig):
+            configs[name] = entry
+            continue
+        if not isinstance(entry, Mapping) or "pattern" not in entry or set(entry) - set(FIELDS):
+            raise ValueError(f"plan entry {name!r} must be a dict with 'pattern' and optionally weight_bits, "
+                             f"group_size, act_bits; got {entry!r}")
+        try:
+            configs[name] = LayerConfig.make(**entry)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"plan entry {name!r}: {e}") from e
+    return configs
+
+
+def save_plan(plan: Mapping[str, LayerConfig], path: str | os.PathLike) -> None:
+    """Write ``plan`` as JSON (sorted by nothing: the model's order, as given)."""
+    with open(path, "w") as f:
+        json.dump({name: config.as_dict() for name, config in plan.items()}, f, indent=1)
+        f.write("\n")
