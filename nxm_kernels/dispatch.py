@@ -116,20 +116,23 @@ def call_facts(inputs: dict):
 
 
 _REGISTERED: list[tuple[int, int, Backend]] = []
+_IN_ORDER: tuple[Backend, ...] = ()  # _REGISTERED's backends, made once per register (read at every call)
 
 
 def register(backend: Backend, priority: int) -> Backend:
     """Add ``backend`` to dispatch; ``auto`` tries higher priorities first. Returns it."""
+    global _IN_ORDER
     if any(b.name == backend.name for _, _, b in _REGISTERED):
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     _REGISTERED.append((-priority, len(_REGISTERED), backend))
     _REGISTERED.sort(key=lambda entry: entry[:2])
+    _IN_ORDER = tuple(b for _, _, b in _REGISTERED)
     return backend
 
 
 def registered_backends() -> tuple[Backend, ...]:
     """Backends in auto-dispatch priority order."""
-    return tuple(b for _, _, b in _REGISTERED)
+    return _IN_ORDER
 
 
 def get_backend(name: str) -> Backend:
@@ -169,9 +172,50 @@ def reasons(backend: Backend, op: str, inputs: dict) -> list[str]:
     return backend.not_supported_reasons(op, **inputs)
 
 
+# Successful selections by the facts the reasons read (see _signature). A varying batch size (prefill
+# lengths) adds one entry per shape, so the table is cleared when it reaches the bound.
+_SELECTED: dict = {}
+_SELECTED_MAX = 4096
+
+
+def _signature(value):
+    """What a backend's reasons may read of one input: for tensors and weights their kinds and
+    shapes (sizes matter, e.g. 32-bit offset limits), never their contents."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.device, value.shape
+    if isinstance(value, NMSparseWeight):
+        return (value.layout, value.pattern, value.encoding, value.dtype, value.device, value.shape,
+                value.values.shape)
+    return value  # patterns, layouts, numbers, None
+
+
 def select(op: str, backend: str | None, inputs: dict) -> Backend:
-    from_env = not backend and bool(os.environ.get("NXM_BACKEND"))
+    """The backend that runs ``op`` on ``inputs``: ``backend`` (or ``NXM_BACKEND``) when it can,
+    else with ``auto`` the first in priority that can; raises with the reasons when none can.
+
+    The reasons are a function of the inputs' signature (layout, pattern, encoding, dtype, device,
+    shapes) and of the machine, so a successful choice is remembered per signature, backend name and
+    set of registered backends: repeated calls (a decode step's layers) skip the reasons.
+    """
     name = backend or os.environ.get("NXM_BACKEND") or "auto"
+    backends = registered_backends()
+    try:
+        key = (op, name, backends, *[(k, _signature(v)) for k, v in inputs.items()])
+        chosen = _SELECTED.get(key)
+    except TypeError:  # an unhashable input: decide afresh
+        key, chosen = None, None
+    if chosen is not None:
+        return chosen
+    chosen = _select(op, backend, inputs, name, backends)
+    if key is not None:
+        if len(_SELECTED) >= _SELECTED_MAX:
+            _SELECTED.clear()
+        _SELECTED[key] = chosen
+    return chosen
+
+
+def _select(op: str, backend: str | None, inputs: dict, name: str, backends: tuple[Backend, ...]) -> Backend:
+    from_env = not backend and bool(os.environ.get("NXM_BACKEND"))
     source = " (set by NXM_BACKEND)" if from_env else ""
     if name != "auto":
         try:
@@ -187,7 +231,7 @@ def select(op: str, backend: str | None, inputs: dict) -> Backend:
         return chosen
     device = _device_of(inputs)
     collected = []
-    for candidate in registered_backends():
+    for candidate in backends:
         why = reasons(candidate, op, inputs)
         allowed = candidate.auto_devices
         if not why and allowed is not None and device is not None and device.type not in allowed:
