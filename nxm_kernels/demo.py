@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=1000, help="test sentences (default 1000)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs of each phase: dense, sparsify, masked fine-tune")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quantized", action="store_true",
+                   help="instead of training sparse: the dense fine-tuned model converted one-shot to 2:4 fp, 2:4 int8 "
+                   "per row and 2:4 int4 g128, accuracy and weight bytes of each (the fine-tune is cached)")
     p.add_argument("--causal-lm", action="store_true",
                    help="the second demo instead: SmolLM2-135M made 2:4 one-shot, perplexity on held-out Shakespeare "
                    "(python -m nxm_kernels.causal_lm --help for the full experiment)")
@@ -79,11 +82,23 @@ def run(args: argparse.Namespace) -> None:
         sparse_epochs=args.epochs,
         finetune_epochs=args.epochs,
     )
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "nxm_kernels", "demo") if args.quantized else None
     protocol = harness.Protocol(
-        texts, labels, test_texts, test_labels, lambda: harness.load_minilm()[1], tokenizer, cfg, args.quiet
+        texts, labels, test_texts, test_labels, lambda: harness.load_minilm()[1], tokenizer, cfg, args.quiet, cache
     )
     print(f"dense fine-tuning: {protocol.steps[0]} steps of {cfg.batch_size} sentences", flush=True)
     dense_acc, _ = protocol.dense_phase(seed=0)
+    if args.quantized:
+        from . import quant_demo
+
+        def fine_tuned():
+            model = harness.SentenceClassifier(harness.load_minilm()[1], protocol.num_labels)
+            model.load_state_dict(protocol.snapshot[0])
+            return model
+
+        rows = quant_demo.one_shot_rows(fine_tuned, lambda m: _accuracy(_logits(m, protocol.test), protocol.test))
+        print(quant_demo.table(rows, dense_acc))
+        return
     print(
         f"{args.method} to 2:4: {protocol.steps[1]} steps, then {protocol.steps[2]} steps with the masks fixed",
         flush=True,

@@ -195,3 +195,25 @@ def test_cli_sparsify_bits_and_inspect(tmp_path, capsys):
     assert model.blocks[0].up.weight_sparse.encoding == "int4-g32"
     assert cli.main(["sparsify", "demo", "-o", str(out), "--bits", "8", "--group-size", "6", "-q"]) == 1
     assert "group_size=6 must be a multiple of the pattern's block width 4" in capsys.readouterr().err
+
+
+def test_one_shot_quantized_rows_on_a_tiny_model():
+    from nxm_kernels import quant_demo
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 2))
+    x = torch.randn(50, 32)
+    labels = dense(x).argmax(-1)
+
+    def make():
+        model = nn.Sequential(*[type(m)(m.in_features, m.out_features) if isinstance(m, nn.Linear) else m
+                                for m in dense])
+        model.load_state_dict(dense.state_dict())
+        return model
+
+    rows = quant_demo.one_shot_rows(make, lambda m: float((m(x).argmax(-1) == labels).float().mean()))
+    assert [r["variant"] for r in rows] == ["2:4 fp", "2:4 int8 per row", "2:4 int4 g128"]
+    fp, int8, int4 = (r["weight_bytes"] / r["dense_weight_bytes"] for r in rows)
+    assert int4 < int8 < fp and rows[0]["max_quant_error"] == 0 < rows[1]["max_quant_error"] < rows[2]["max_quant_error"]
+    assert all(0 <= r["accuracy"] <= 1 and r["layers"] == 3 for r in rows)
+    assert "| 2:4 int4 g128 |" in quant_demo.table(rows, 1.0)
