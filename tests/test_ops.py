@@ -9,6 +9,7 @@ from torch.utils._pytree import tree_map
 
 import nxm_kernels as nxm
 from nxm_kernels import _extension, _ops
+from nxm_kernels.layouts.block import library_bitmaps
 from nxm_kernels.layouts.cutlass import PATTERN as CUTLASS_PATTERN
 
 from conftest import random_weight
@@ -55,6 +56,12 @@ def kernel_cases(namespace: str, dtypes=DTYPES):
             x = random_weight((3, 64), dtype, g)
             pvalues, pmetadata = ops.compress_packed(w, 2, 4, None)
             cases.append(("sparse_mm_packed", (x, pvalues, pmetadata, random_weight((32,), dtype, g), 2, 4)))
+            block = nxm.compress(w, "8:4x4", "block", backend="reference")
+            cases.append(("sparse_mm_block", (x, block.values, block.metadata, None, None, 4, 4, 8)))
+            library = nxm.compress(w, "2x2{9,6}", "block", backend="reference")
+            masks = library_bitmaps(library.pattern, w.device)
+            cases.append(("sparse_mm_block", (x, library.values, library.metadata, masks,
+                                              random_weight((32,), dtype, g), 2, 2, 2)))
     return [(f"{namespace}::{name}", args) for name, args in cases
             if _has_cpu_kernel(f"{namespace}::{name}")]
 

@@ -33,9 +33,12 @@ def compiled():
 def test_every_kernel_and_config_is_covered():
     gemm_labels = {spec.label for spec in SPECS if spec.kernel == "_sparse_mm_kernel"}
     assert {"sparse_mm 2:4 fp16", "sparse_mm 2:4 bf16", "sparse_mm 2:4 fp32", "sparse_mm 8:16 fp16"} <= gemm_labels
+    block_labels = {spec.label for spec in SPECS if spec.kernel == "_sparse_mm_block_kernel"}
+    assert {"sparse_mm block 8:4x4 fp16", "sparse_mm block 8:4x4 bf16", "sparse_mm block 8:4x4 fp32",
+            "sparse_mm block library fp16"} <= block_labels
     kernels = {spec.kernel for spec in SPECS}
     assert kernels == {"_select_kernel", "_compress_packed_kernel", "_compress_cutlass_kernel",
-                       "_decompress_kernel", "_sparse_mm_kernel"}
+                       "_decompress_kernel", "_sparse_mm_kernel", "_sparse_mm_block_kernel"}
     assert len(set(CASES)) == len(CASES), "two specs would share a table row"
 
 

@@ -15,6 +15,8 @@ Sparse Tensor Cores cannot run these blocks; what the layout buys is bytes: for 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import reference
@@ -71,6 +73,25 @@ def library_numbers(mask_blocks: torch.Tensor, pattern) -> torch.Tensor:
         overlap = mask_blocks[start:start + step].to(torch.float32) @ table.T
         numbers[start:start + step] = (overlap == pattern.kept).to(torch.uint8).argmax(-1)
     return numbers
+
+
+@functools.lru_cache(maxsize=64)
+def _library_bitmaps(pattern) -> torch.Tensor:
+    return pack_bitmaps(pattern.masks.flatten(1))
+
+
+def library_bitmaps(pattern, device) -> torch.Tensor:
+    """A library's masks as bitmaps, uint8 ``[count, bitmap bytes]`` by mask number: the table the
+    block GEMMs look each block's mask number up in."""
+    return _library_bitmaps(pattern).to(device)
+
+
+def block_gemm_args(sw):
+    """(masks, block rows, block cols, kept) of a block weight, as the ``sparse_mm_block`` ops take
+    them: masks None for bitmaps, the library's bitmap table for mask numbers."""
+    pattern = sw.pattern
+    masks = library_bitmaps(pattern, sw.values.device) if pattern.kind == "library" else None
+    return (masks, *pattern.block, pattern.kept_per_block)
 
 
 def block_masks(metadata: torch.Tensor, shape, pattern) -> torch.Tensor:

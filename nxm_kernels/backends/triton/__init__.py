@@ -5,7 +5,8 @@ Every op runs on CUDA tensors; on CPU tensors only under the Triton interpreter
 the kernels without a GPU. Auto dispatch picks it only for CUDA tensors.
 
 Layouts: ``compress``/``decompress`` handle ``packed`` (any n:m) and ``cutlass``. ``sparse_mm``
-reads ``packed`` directly, the same bytes ``compress`` stores (see ``kernels.py``); weights in
+reads ``packed`` directly, the same bytes ``compress`` stores (see ``kernels.py``), and ``block``
+(k-of-RxC blocks and mask libraries, see ``block_gemm.py``); weights in
 the ``cutlass`` layout are answered with a reason that says to compress with
 ``layout='packed'`` (their reordered metadata serves CUTLASS/cuSPARSELt, not this kernel).
 
@@ -20,7 +21,8 @@ import torch
 from ... import _compat
 from ... import _ops, dispatch
 from ...dispatch import Backend, Support, call_facts
-from ...layouts import NMSparseWeight, PACKED
+from ...layouts import BLOCK, NMSparseWeight, PACKED
+from ...layouts.block import block_gemm_args
 
 try:
     import triton  # noqa: F401
@@ -43,9 +45,11 @@ class TritonBackend(Backend):
         "compress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         "decompress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         "sparse_mm": Support(
-            layouts=(PACKED.name,), dtypes=(torch.float16, torch.bfloat16, torch.float32), devices=DEVICES,
-            advice="the Triton GEMM reads layout 'packed' (compress with layout='packed') and multiplies float "
-                   "types (int8 x int8 -> int32 is not implemented in it): use another backend for the rest",
+            layouts=(PACKED.name, BLOCK.name), dtypes=(torch.float16, torch.bfloat16, torch.float32), devices=DEVICES,
+            kinds=("row", "block", "library"),
+            advice="the Triton GEMMs read layouts 'packed' and 'block' (compress with layout='packed' or 'block') "
+                   "and multiply float types (int8 x int8 -> int32 is not implemented in them): use another "
+                   "backend for the rest",
         ),
     }
     auto_devices = ("cuda",)
@@ -84,6 +88,9 @@ class TritonBackend(Backend):
         return KERNELS[sw.layout.name][1](sw.values, sw.metadata, sw.shape, sw.pattern)
 
     def sparse_mm(self, x, sw, bias):
+        if sw.layout == BLOCK:
+            masks, rows, cols, kept = block_gemm_args(sw)
+            return torch.ops.nxm_triton.sparse_mm_block(x, sw.values, sw.metadata, masks, bias, rows, cols, kept)
         return torch.ops.nxm_triton.sparse_mm_packed(x, sw.values, sw.metadata, bias, sw.pattern.n, sw.pattern.m)
 
 

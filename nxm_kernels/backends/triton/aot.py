@@ -21,8 +21,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ...pattern import Pattern
-from . import kernels
+from ...pattern import Pattern, as_pattern
+from . import block_gemm, kernels
 
 ARCHS = (80, 90)
 
@@ -31,12 +31,13 @@ ARCHS = (80, 90)
 class KernelSpec:
     """One compilation: a kernel, its argument types and values, and launch options."""
 
-    kernel: str  # attribute name in ``kernels``
+    kernel: str  # attribute name in ``module``
     label: str  # what it computes, for tables
     args: tuple  # (name, type, value): type as in Triton signatures ('*fp16', 'i32'), value for hints
     constexprs: tuple  # (name, value)
     num_warps: int = 4
     num_stages: int = 3
+    module: str = "kernels"  # the module of this package that defines it
 
     @property
     def config(self) -> str:
@@ -53,6 +54,10 @@ def _ptr(name, dtype):
 
 def _int(name, value):
     return (name, "i32", value)
+
+
+# 8 distinct 4x4 masks that each keep 8 (rotations of the first half of the block), in hex.
+LIBRARY_8_OF_4X4 = "4x4{ff00,7f80,3fc0,1fe0,0ff0,07f8,03fc,01fe}"
 
 
 def gemm_specs(dtype: str = "fp16", pattern: Pattern = Pattern(2, 4), out_features=4096, in_features=4096):
@@ -76,6 +81,37 @@ def gemm_specs(dtype: str = "fp16", pattern: Pattern = Pattern(2, 4), out_featur
         )
         specs.append(KernelSpec("_sparse_mm_kernel", f"sparse_mm {pattern} {dtype}", args,
                                 tuple(constexprs.items()), config["num_warps"], config["num_stages"]))
+    return specs
+
+
+def block_gemm_specs(dtype: str = "fp16", pattern="8:4x4", out_features=4096, in_features=4096):
+    """The block-layout GEMM (``block_gemm.py``) with every autotuning config of ``dtype``."""
+    pattern = as_pattern(pattern)
+    (rows, cols), kept = pattern.block, pattern.kept_per_block
+    bitmap_bytes = (rows * cols + 7) // 8
+    library = pattern.kind == "library"
+    meta_cols = in_features // cols * (1 if library else bitmap_bytes)
+    family = "fp32" if dtype == "fp32" else "half"
+    specs = []
+    for small, config in ((small, c) for small in (True, False) for c in kernels.CONFIGS[family, small]):
+        m_rows = 16 if small else 4096
+        args = (
+            _ptr("x_ptr", _PTR[dtype]), _ptr("values_ptr", _PTR[dtype]), _ptr("meta_ptr", "*u8"),
+            ("masks_ptr", "*u8", None) if library else ("masks_ptr", "constexpr", None),
+            _ptr("bias_ptr", _PTR[dtype]), _ptr("y_ptr", _PTR[dtype]),
+            _int("M", m_rows), _int("N", out_features), _int("K", in_features),
+            _int("M_BUCKET", min(m_rows, 2 * kernels.SMALL_M)),
+            _int("stride_xm", in_features), _int("stride_xk", 1), _int("stride_vn", in_features // cols * kept),
+            _int("stride_mn", meta_cols),
+        )
+        constexprs = dict(
+            R=rows, C=cols, KEPT=kept, BITMAP_BYTES=bitmap_bytes, LIBRARY=library,
+            HAS_BIAS=True, PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, GROUP_M=8,
+            **{k: v for k, v in config.items() if k.startswith("BLOCK")},
+        )
+        label = f"sparse_mm block {'library' if library else pattern} {dtype}"
+        specs.append(KernelSpec("_sparse_mm_block_kernel", label, args, tuple(constexprs.items()),
+                                config["num_warps"], config["num_stages"], "block_gemm"))
     return specs
 
 
@@ -127,15 +163,18 @@ def elementwise_specs(pattern: Pattern = Pattern(2, 4), rows=4096, cols=4096):
 
 def all_specs():
     """Every kernel and every GEMM config: the GEMM in fp16, bf16 and fp32 for 2:4, and in fp16
-    for 4:8 and 8:16 (wider codes: more registers per element) and 5:6 (m not a power of two)."""
+    for 4:8 and 8:16 (wider codes: more registers per element) and 5:6 (m not a power of two); the
+    block GEMM in fp16, bf16 and fp32 for 8:4x4, and in fp16 for a library of 4x4 masks."""
     return (elementwise_specs(Pattern(2, 4)) + elementwise_specs(Pattern(4, 8))
             + gemm_specs("fp16") + gemm_specs("bf16") + gemm_specs("fp32")
             + gemm_specs("fp16", Pattern(4, 8)) + gemm_specs("fp16", Pattern(8, 16))
-            + gemm_specs("fp16", Pattern(5, 6), in_features=4092))
+            + gemm_specs("fp16", Pattern(5, 6), in_features=4092)
+            + block_gemm_specs("fp16") + block_gemm_specs("bf16") + block_gemm_specs("fp32")
+            + block_gemm_specs("fp16", LIBRARY_8_OF_4X4))
 
 
 def _source(spec: KernelSpec) -> ASTSource:
-    fn = getattr(kernels, spec.kernel)
+    fn = getattr({"kernels": kernels, "block_gemm": block_gemm}[spec.module], spec.kernel)
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("ahead-of-time compilation needs compiled kernels: run without TRITON_INTERPRET=1")
     signature, constexprs, attrs = {}, dict(spec.constexprs), {}

@@ -12,7 +12,7 @@ import torch
 from ... import _ops  # noqa: F401  (defines the schemas)
 from ...layouts.cutlass import PATTERN as CUTLASS_PATTERN
 from ...pattern import Pattern
-from . import kernels
+from . import block_gemm, kernels
 
 DEVICES = ("cuda", "cpu")
 
@@ -51,3 +51,8 @@ def _decompress_cutlass(values, metadata):
 @torch.library.register_kernel("nxm_triton::sparse_mm_packed", DEVICES)
 def _sparse_mm_packed(x, values, metadata, bias, n, m):
     return kernels.sparse_mm(x, values, metadata, Pattern(n, m), bias)
+
+
+@torch.library.register_kernel("nxm_triton::sparse_mm_block", DEVICES)
+def _sparse_mm_block(x, values, metadata, masks, bias, block_rows, block_cols, kept):
+    return block_gemm.sparse_mm_block(x, values, metadata, masks, bias, block_rows, block_cols, kept)
