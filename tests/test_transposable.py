@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nxm_kernels as nxm
-from nxm_kernels import ops
+from nxm_kernels import dispatch, ops
 from nxm_kernels.layouts import NMSparseWeight
 from nxm_kernels.nn import SparseLinear, sparsify
 
@@ -82,16 +82,17 @@ def test_sparse_linear_backward_runs_sparse_mm_on_w_transposed(monkeypatch, dtyp
     assert layer.padded_shape == (12, 32)
     dense = layer.to_dense().weight.detach().float()
     calls = []
-    real_mm = ops.sparse_mm
+    real_select = dispatch.select
 
-    def spy(x, sw, *args, **kwargs):
-        calls.append(sw.shape)
-        return real_mm(x, sw, *args, **kwargs)
+    def spy(op, backend, inputs):  # (the forward binds the chosen kernel: see linear_plan)
+        if op == "sparse_mm":
+            calls.append(inputs["sw"].shape)
+        return real_select(op, backend, inputs)
 
     def no_dense(*args, **kwargs):
         raise AssertionError("the 2:4t layer decompressed its weight")
 
-    monkeypatch.setattr(ops, "sparse_mm", spy)
+    monkeypatch.setattr(dispatch, "select", spy)
     monkeypatch.setattr(ops, "decompress", no_dense)
     x = torch.randn(4, 3, 30, dtype=dtype, requires_grad=True)
     y = layer(x)
