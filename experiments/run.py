@@ -1,13 +1,16 @@
-"""The real-model experiment: does ADMM buy accuracy over one-shot magnitude pruning at 2:4?
+"""The real-model experiment: does ADMM buy accuracy over one-shot pruning at 2:4?
 
-all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes sentence sentiment, 2:4 on all 36 encoder Linears,
-four methods under one protocol (see ``nxm_kernels.harness.Config``), several seeds. The defaults are the
-full protocol; flags shrink it. Each run writes, under ``--out`` (experiments/results/):
-``<name>.json`` (config, per-seed rows, summary, command, environment), ``<name>.md`` (the table
-and the exact command), and regenerates ``SUMMARY.md`` from every JSON there, so no run is lost.
+all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes sentence sentiment (``--task sentiment``) or on
+which group of Shakespeare's plays a speech comes from (``--task shakespeare``, 6 labels), 2:4 on
+all 36 encoder Linears, every method under one protocol (see ``nxm_kernels.harness.Config``),
+several seeds. The defaults are the full protocol; flags shrink it. Each run writes, under
+``--out`` (experiments/results/): ``<name>.json`` (config, per-seed rows, summary, command,
+environment), ``<name>.md`` (the table and the exact command), and regenerates ``SUMMARY.md`` from
+every JSON there, so no run is lost.
 
     python experiments/run.py                                   # full protocol, 3 seeds
     python experiments/run.py --train-size 2000 --seeds 0 --name calib   # a reduced budget
+    python experiments/run.py --task shakespeare --methods 'dense;magnitude;sparsegpt;admm[init=sparsegpt]'
 """
 
 from __future__ import annotations
@@ -30,12 +33,14 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=tuple(harness.TASKS), default="sentiment", help="the data (default: sentiment)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     p.add_argument(
         "--methods",
         default=";".join(harness.METHODS),
         help=f"';'-separated subset of {';'.join(harness.METHODS)}; ADMM variants as "
-        "'admm[penalty=loss,rho=1e-3,rho_factor=100,update_every=16]' (default: all four)",
+        "'admm[penalty=loss,rho=1e-3,rho_factor=100,update_every=16]', ADMM from a one-shot mask as "
+        "'admm[init=sparsegpt]' (default: all)",
     )
     p.add_argument("--name", default=None, help="results file stem (default: derived from the settings)")
     p.add_argument("--out", default=str(HERE / "results"), help="results directory")
@@ -87,16 +92,17 @@ def table(summary, results, methods):
     lines = [
         (
             "| method | test accuracy (mean ± std) | per seed | vs magnitude (same seeds) | vs dense "
-            "| acc. before / right after hard prune | rel. residual at prune "
+            "| acc. right after the one-shot prune | acc. before / right after hard prune | rel. residual at prune "
             "| kept weights outside the magnitude mask | exactly N:M |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         if m not in summary:
             continue
         s = summary[m]
         rows = [r for r in results if r["method"] == m]
+        one_shot = _per_seed(rows, "acc_one_shot", "{:.4f}")
         prune = _per_seed(rows, "acc_at_prune", "{:.4f}")
         if any("acc_before_prune" in r for r in rows):  # ADMM: its W is still dense before the prune
             prune = ", ".join(
@@ -110,21 +116,24 @@ def table(summary, results, methods):
         nm = "n/a" if exact == {None} else ("yes" if exact == {True} else "NO")
         mean_std = f"{s['mean']:.4f} ± {s['std']:.4f}" if len(s["accs"]) > 1 else f"{s['mean']:.4f} (1 seed)"
         lines.append(
-            f"| {m} | {mean_std} | {per_seed} | {vs_base} | {vs_dense} | {prune} | {resids} | {moved} | {nm} |"
+            f"| {m} | {mean_std} | {per_seed} | {vs_base} | {vs_dense} | {one_shot} | {prune} | {resids} | {moved} "
+            f"| {nm} |"
         )
     return "\n".join(lines)
 
 
-def settings_line(cfg):
+def settings_line(cfg, task="sentiment"):
     c = cfg
     text = (
-        f"train {c['train_size']} sentences, test {c['test_size']}; epochs dense/sparsify/fine-tune "
+        f"task {task}; train {c['train_size']} sentences, test {c['test_size']}; epochs dense/sparsify/fine-tune "
         f"{c['dense_epochs']}/{c['sparse_epochs']}/{c['finetune_epochs']}; batch {c['batch_size']}, "
         f"{c['max_length']} tokens, AdamW lr {c['lr']} wd {c['weight_decay']}; distill {c['distill']}; "
         f"ADMM {c['admm_penalty']} rho {c['admm_rho']} x{c['admm_rho_factor']} geometric, "
         f"Z/U every {c['admm_update_every']} steps; "
         f"SR-STE decay {c['srste_decay']}; pattern {c['pattern']}"
     )
+    if "calibration_size" in c:  # runs recorded before the calibrated methods did not have it
+        text += f"; calibration {c['calibration_size']} training sentences"
     return text
 
 
@@ -147,7 +156,7 @@ def run_section(data: dict, level: str = "#", name: str = "") -> list[str]:
         (data.get("note") or "").strip(),
         "",
         status
-        + f"Settings: {settings_line(data['config'])}. Seeds {data['seeds']}. "
+        + f"Settings: {settings_line(data['config'], data.get('task', 'sentiment'))}. Seeds {data['seeds']}. "
         + f"Wall time {data['wall_seconds'] / 60:.1f} min.",
         "",
         table(data["summary"], data["results"], data["methods"]),
@@ -179,6 +188,9 @@ def combine(paths, note=""):
     """One run's data from finished runs of the same settings (``threads`` aside): their rows,
     seeds and methods merged, their commands listed. A (seed, method) found twice is an error."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    tasks = {r.get("task", "sentiment") for r in runs}
+    if len(tasks) > 1:
+        raise SystemExit(f"cannot combine runs of different tasks: {sorted(tasks)}")
     settings = [{k: v for k, v in r["config"].items() if k != "threads"} for r in runs]
     for path, other in zip(paths[1:], settings[1:]):
         if other != settings[0]:
@@ -196,6 +208,7 @@ def combine(paths, note=""):
     results.sort(key=lambda r: (r["seed"], methods.index(r["method"])))
     return {
         "note": note or " ".join(filter(None, (r.get("note") for r in runs))),
+        "task": tasks.pop(),
         "complete": True,  # the rows are final; run_section names the (seed, method) cells not run
         "command": "\n".join(r["command"] for r in runs),
         "config": runs[0]["config"],
@@ -228,15 +241,16 @@ def main(argv=None):
         except ValueError as e:
             raise SystemExit(str(e)) from None
     cfg = harness.Config(**{f.name: getattr(args, f.name) for f in fields(harness.Config) if f.name != "extra"})
+    prefix = "rt" if args.task == "sentiment" else args.task
     name = (
         args.name
-        or f"rt{cfg.train_size}_e{cfg.dense_epochs:g}-{cfg.sparse_epochs:g}-{cfg.finetune_epochs:g}_s{len(seeds)}"
+        or f"{prefix}{cfg.train_size}_e{cfg.dense_epochs:g}-{cfg.sparse_epochs:g}-{cfg.finetune_epochs:g}_s{len(seeds)}"
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
-    texts, labels, test_texts, test_labels = harness.load_rotten_tomatoes()
+    texts, labels, test_texts, test_labels = harness.load_task(args.task)
     tokenizer, _ = harness.load_minilm()
     start = time.perf_counter()
 
@@ -244,6 +258,7 @@ def main(argv=None):
         summary = harness.summarize(results, methods)
         data = {
             "note": args.note,
+            "task": args.task,
             "complete": done,
             "command": command,
             "config": harness.config_dict(cfg),

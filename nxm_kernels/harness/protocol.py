@@ -1,5 +1,5 @@
-"""One training protocol for every method (dense, one-shot magnitude, SR-STE, ADMM), shared by
-``experiments/run.py`` and the demo.
+"""One training protocol for every method (dense; one-shot magnitude, Wanda or SparseGPT, then
+masked fine-tuning; SR-STE; ADMM), shared by ``experiments/run.py`` and the demo.
 
 Nothing here is tied to the data set: :func:`train_and_evaluate` takes any Hugging Face encoder
 and tokenizer and any ``(texts, labels)`` with labels 0..K-1 (K is read from the data).
@@ -22,10 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import ops
-from ..training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho
+from ..training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho, prune
+from ..training.common import select_linears
 from .data import TEST_SIZE, Batches, SentenceClassifier, count_labels
 
-METHODS = ("dense", "magnitude", "srste", "admm")
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "srste", "admm")
+# Pruned in one shot at the start of the sparsification phase, then trained with the masks fixed.
+ONE_SHOT = ("magnitude", "wanda", "sparsegpt")
 
 
 @dataclass
@@ -34,9 +37,12 @@ class Config:
 
     Phases, in epochs over the training sentences: ``dense_epochs`` of dense fine-tuning (shared by
     every method of a seed, run once), then ``sparse_epochs`` in which each method sparsifies
-    (magnitude: pruned at its start and masked; SR-STE; ADMM; dense: keeps training dense), then
+    (magnitude, Wanda, SparseGPT: pruned in one shot at its start and masked; SR-STE; ADMM; dense:
+    keeps training dense), then
     ``finetune_epochs`` of masked fine-tuning (SR-STE and ADMM hard-prune at its start). One AdamW
     and one learning-rate schedule (linear warm-up, linear decay to 0) span all phases.
+    Wanda, SparseGPT and ADMM started from them (``admm[init=sparsegpt]``) calibrate on the first
+    ``calibration_size`` training sentences.
     ``distill`` > 0 mixes in distillation from the dense model at the end of the dense phase, for
     every sparse method alike.
     """
@@ -62,6 +68,7 @@ class Config:
     admm_rho: float = 0.1
     admm_rho_factor: float = 1.0
     admm_update_every: int = 16
+    calibration_size: int = 256
     eval_batch_size: int = 128
     threads: int = 0
     extra: dict = field(default_factory=dict)
@@ -135,12 +142,20 @@ def train_steps(
     return last
 
 
+def _one_shot_method(value: str) -> str:
+    if value not in ONE_SHOT:
+        raise ValueError(f"is not one of {', '.join(ONE_SHOT)}")
+    return value
+
+
 # Settings a method may override in ``method[key=value,...]``. ``sparse_epochs`` moves the hard
 # prune inside the same total budget (sparse + fine-tune epochs stay fixed); ``distill`` gives the
 # method distillation from the dense-phase model (give its baseline the same for a fair comparison).
 METHOD_KEYS = {
     "dense": {},
     "magnitude": {"distill": float},
+    "wanda": {"distill": float},
+    "sparsegpt": {"distill": float},
     "srste": {"decay": float, "sparse_epochs": float, "distill": float},
     "admm": {
         "penalty": str,
@@ -149,13 +164,15 @@ METHOD_KEYS = {
         "update_every": int,
         "sparse_epochs": float,
         "distill": float,
+        "init": _one_shot_method,
     },
 }
 
 
 def parse_method(method: str):
     """``"admm"`` or ``"admm[penalty=loss,rho=1e-3,rho_factor=100,update_every=16]"`` (a variant
-    overriding the config's settings, see :data:`METHOD_KEYS`) -> ``(name, overrides)``."""
+    overriding the config's settings, see :data:`METHOD_KEYS`; ``init=sparsegpt`` starts ADMM's Z
+    from that one-shot mask) -> ``(name, overrides)``."""
     name, _, rest = method.partition("[")
     if name not in METHODS or (rest and not rest.endswith("]")):
         raise ValueError(f"unknown method {method!r}: choose from {METHODS}, optionally with [key=value,...]")
@@ -167,14 +184,20 @@ def parse_method(method: str):
             raise ValueError(f"unknown setting {key!r} for {name} in {method!r}: use {list(keys) or 'none'}")
         try:
             overrides[key] = keys[key](value)
-        except ValueError:
-            raise ValueError(f"setting {key}={value!r} in {method!r} is not a {keys[key].__name__}") from None
+        except ValueError as e:
+            reason = f"is not a {keys[key].__name__}" if isinstance(keys[key], type) else str(e)
+            raise ValueError(f"setting {key}={value!r} in {method!r} {reason}") from None
     return name, overrides
 
 
-def make_sparsifier(method, model, cfg: Config, steps):
+def make_sparsifier(method, model, cfg: Config, steps, calibration=()):
+    """The method's sparsifier on ``model``; ``calibration`` (model inputs) feeds Wanda, SparseGPT
+    and ADMM started from them. Wanda and SparseGPT prune ``model`` here, in one shot: the
+    magnitude pruner built after them keeps exactly their masks (the nonzeros, n of every m)."""
     name, overrides = parse_method(method)
-    if name == "magnitude":
+    if name in ("wanda", "sparsegpt"):
+        prune(model, cfg.pattern, method=name, calibration=calibration, progress=False, measure_error=False)
+    if name in ONE_SHOT:
         return MagnitudePruner(model, cfg.pattern)
     if name == "srste":
         return SRSTESparsifier(model, cfg.pattern, decay=overrides.get("decay", cfg.srste_decay))
@@ -185,6 +208,7 @@ def make_sparsifier(method, model, cfg: Config, steps):
         "update_every": cfg.admm_update_every,
         **overrides,
     }
+    init = overrides.get("init")
     return ADMMSparsifier(
         model,
         cfg.pattern,
@@ -192,6 +216,8 @@ def make_sparsifier(method, model, cfg: Config, steps):
         rho_schedule=geometric_rho(admm["rho_factor"], max(steps, 1)),
         update_every=admm["update_every"],
         penalty=admm["penalty"],
+        init=init,
+        calibration=calibration if init not in (None, "magnitude") else None,
     )
 
 
@@ -216,9 +242,10 @@ def build(encoder_state, cfg: Config, load_encoder, total_steps, num_labels: int
     return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-def masks_of(sparsifier) -> dict:
-    """The magnitude N:M mask of every target weight as it is now."""
-    return {n: ops.nm_mask(m.weight.detach(), sparsifier.pattern) for n, m in sparsifier.targets.items()}
+def magnitude_masks(model, pattern) -> dict:
+    """The magnitude N:M mask of every target weight of ``model`` as it is now."""
+    targets, _ = select_linears(model, pattern)
+    return {n: ops.nm_mask(m.weight.detach(), pattern) for n, m in targets.items()}
 
 
 def mask_moved(before: dict, after: dict) -> float:
@@ -251,6 +278,7 @@ class Protocol:
         self.train = Batches(tokenizer, texts[: cfg.train_size], labels[: cfg.train_size], cfg.max_length)
         self.test = Batches(tokenizer, test_texts[: cfg.test_size], test_labels[: cfg.test_size], cfg.max_length)
         self.per_epoch = steps_per_epoch(len(self.train), cfg.batch_size)
+        self.data_digest = _digest(texts[: cfg.train_size], labels[: cfg.train_size])
         self.steps = tuple(
             round(e * self.per_epoch) for e in (cfg.dense_epochs, cfg.sparse_epochs, cfg.finetune_epochs)
         )
@@ -259,10 +287,22 @@ class Protocol:
     def accuracy(self, model):
         return accuracy(model, self.test, self.cfg.eval_batch_size)
 
+    def calibration(self) -> list[dict]:
+        """The first ``calibration_size`` training sentences as model inputs, batched by length so
+        that padding tokens hardly enter the calibration statistics."""
+        count = min(self.cfg.calibration_size, len(self.train))
+        by_length = sorted(range(count), key=lambda i: len(self.train.ids[i]))
+        batches = []
+        for start in range(0, count, self.cfg.batch_size):
+            ids, mask, _ = self.train.batch(by_length[start : start + self.cfg.batch_size])
+            batches.append({"input_ids": ids, "attention_mask": mask})
+        return batches
+
     def _cache_path(self, seed):
         c = self.cfg
         key = {
             "version": 1,
+            "data": self.data_digest,
             "seed": seed,
             "train_size": c.train_size,
             "test_size": c.test_size,
@@ -337,8 +377,12 @@ class Protocol:
         opt.load_state_dict(self.snapshot[1])
         sched.load_state_dict(self.snapshot[2])
         start = time.perf_counter()
-        sparsifier = None if name == "dense" else make_sparsifier(method, model, cfg, s_steps)
-        magnitude_masks = None if sparsifier is None else masks_of(sparsifier)
+        row = {"seed": seed, "method": method, "dense_phase_acc": self.dense_acc}
+        dense_masks = None if name == "dense" else magnitude_masks(model, cfg.pattern)
+        calibration = self.calibration() if name in ("wanda", "sparsegpt") or overrides.get("init") else ()
+        sparsifier = None if name == "dense" else make_sparsifier(method, model, cfg, s_steps, calibration)
+        if name in ONE_SHOT:  # what the one-shot prune alone costs, before any masked training
+            row["acc_one_shot"] = self.accuracy(model)
 
         def phase(first_step, steps, what):
             train_steps(
@@ -356,20 +400,27 @@ class Protocol:
             )
 
         phase(d_steps, s_steps, "sparsify")
-        row = {"seed": seed, "method": method, "dense_phase_acc": self.dense_acc}
         if sparsifier is not None:
             row["residual_before_prune"] = sparsifier.residual().get("primal")
             if isinstance(sparsifier, ADMMSparsifier):  # its W is still dense: what does the prune cost?
                 row["acc_before_prune"] = self.accuracy(model)
             sparsifier.finalize()
             row["acc_at_prune"] = self.accuracy(model)
-            row["mask_moved"] = mask_moved(magnitude_masks, sparsifier.masks)
+            row["mask_moved"] = mask_moved(dense_masks, sparsifier.masks)
         phase(d_steps + s_steps, f_steps, "fine-tune")
         row["acc"] = self.accuracy(model)
         row["exact_nm"] = None if sparsifier is None else nm_exact(sparsifier)
         row["seconds"] = round(time.perf_counter() - start + self.dense_seconds, 1)
         row["steps"] = {"dense": d_steps, "sparsify": s_steps, "finetune": f_steps}
         return model, sparsifier, row
+
+
+def _digest(texts, labels) -> str:
+    """A short hash of the training data: a dense-phase snapshot belongs to one task and split."""
+    h = hashlib.sha256()
+    for text, label in zip(texts, labels):
+        h.update(f"{label}\t{text}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def train_and_evaluate(
