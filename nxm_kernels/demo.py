@@ -45,7 +45,10 @@ def _accuracy(logits, data):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's options (``python -m nxm_kernels.demo`` and ``nxm demo`` share them)."""
-    p.add_argument("--method", choices=("admm", "magnitude"), default="admm")
+    p.add_argument("--method", choices=("admm", "magnitude", "wanda", "sparsegpt"), default="admm")
+    p.add_argument("--task", choices=tuple(harness.TASKS), default="sentiment",
+                   help="sentiment: Rotten Tomatoes sentences (2 labels); shakespeare: which group of plays a "
+                   "speech comes from (6 labels)")
     p.add_argument("--train-size", type=int, default=2000, help="training sentences (default 2000)")
     p.add_argument("--test-size", type=int, default=1000, help="test sentences (default 1000)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs of each phase: dense, sparsify, masked fine-tune")
@@ -71,8 +74,8 @@ def run(args: argparse.Namespace) -> None:
         causal_lm.main(list(causal_lm.DEMO_ARGV))
         return
     start = time.perf_counter()
-    print("loading all-MiniLM-L6-v2 and the Rotten Tomatoes sentences ...", flush=True)
-    texts, labels, test_texts, test_labels = harness.load_rotten_tomatoes()
+    print(f"loading all-MiniLM-L6-v2 and the {args.task} task's data ...", flush=True)
+    texts, labels, test_texts, test_labels = harness.load_task(args.task)
     tokenizer, _ = harness.load_minilm()
     cfg = harness.Config(
         train_size=args.train_size,

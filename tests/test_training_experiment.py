@@ -330,3 +330,15 @@ def test_shakespeare_split_is_fixed_with_six_labels():
     assert harness.count_labels(train_labels, test_labels) == len(data.SHAKESPEARE_GROUPS) == 6
     assert all(len(t.split()) >= data.MIN_SPEECH_WORDS for t in test_texts)
     assert harness.load_shakespeare()[2] == test_texts  # the same split every time
+
+
+def test_demo_takes_the_task_and_the_one_shot_methods():
+    import argparse
+
+    from nxm_kernels import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--task", "shakespeare", "--method", "sparsegpt"])
+    assert (args.task, args.method) == ("shakespeare", "sparsegpt")
+    assert parser.parse_args([]).task == "sentiment"
