@@ -217,3 +217,12 @@ def test_one_shot_quantized_rows_on_a_tiny_model():
     assert int4 < int8 < fp and rows[0]["max_quant_error"] == 0 < rows[1]["max_quant_error"] < rows[2]["max_quant_error"]
     assert all(0 <= r["accuracy"] <= 1 and r["layers"] == 3 for r in rows)
     assert "| 2:4 int4 g128 |" in quant_demo.table(rows, 1.0)
+
+
+def test_opcheck_sparse_linear_quantized():
+    layer = nxm.SparseLinear.from_dense(nn.Linear(64, 16), "2:4", weight_bits=4, group_size=32)
+    x = torch.randn(3, 64, requires_grad=True)
+    args = (x, layer.values, layer.metadata, layer.bias, list(layer.padded_shape), 16, "2:4", "packed", "auto",
+            None, None, "", [], None, None, layer.scales, "int4-g32", 0)
+    torch.library.opcheck(torch.ops.nxm.sparse_linear.default, args)
+    assert torch.equal(torch.ops.nxm.sparse_linear(*args), layer(x))
