@@ -112,25 +112,28 @@ def cmd_sparsify(args) -> int:
     from .encodings import from_bits
     from .pattern import as_pattern
 
+    from .plan import load_plan
+
     try:
         pattern = as_pattern(args.pattern)
         from_bits(args.bits, args.group_size).check(torch.float32, (1, pattern.block[1]), pattern, None)
         if args.backend != "auto":
             dispatch.get_backend(args.backend)
+        plan = None if args.plan is None else load_plan(args.plan)
+    except (OSError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    if plan is not None and (args.bits or args.group_size or args.act_bits or args.include):
+        raise CommandError("--plan sets each layer's pattern and encoding: leave out --bits, --group-size, "
+                           "--act-bits and --include")
+    model, info = _load_source(args.source, DTYPES[args.dtype])
+    options = (dict(plan=plan) if plan is not None else
+               dict(pattern=args.pattern, include=args.include, weight_bits=args.bits, group_size=args.group_size,
+                    act_bits=args.act_bits))
+    try:
+        report = nxm_nn.sparsify(model, exclude=args.exclude, backend=args.backend,
+                                 progress=None if args.quiet else _progress_bar, **options)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    model, info = _load_source(args.source, DTYPES[args.dtype])
-    report = nxm_nn.sparsify(
-        model,
-        args.pattern,
-        include=args.include,
-        exclude=args.exclude,
-        backend=args.backend,
-        progress=None if args.quiet else _progress_bar,
-        weight_bits=args.bits,
-        group_size=args.group_size,
-        act_bits=args.act_bits,
-    )
     print(report)
     if not report.converted:
         raise CommandError("no layer was converted (see the reasons above): loosen --include/--exclude")
@@ -211,6 +214,33 @@ def cmd_prune(args) -> int:
     checkpoint.save(model, args.output, info=info)
     size = os.path.getsize(args.output)
     print(f"converted {len(converted.converted)} layer(s); wrote {args.output} ({size:,} bytes)")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .training.search import save_result, search
+
+    if args.samples < 1 or args.seq_len < 1:
+        raise CommandError("--samples and --seq-len must be at least 1")
+    if args.source == "demo":
+        model, _ = _load_source("demo", torch.float32)
+        g = torch.Generator().manual_seed(0)
+        calibration = [torch.randint(0, 1000, (1, args.seq_len), generator=g) for _ in range(args.samples)]
+    elif args.calibration is None:
+        raise CommandError("a model directory needs --calibration FILE (text to run through the model)")
+    else:
+        model, tokenizer, _ = _load_causal_lm(args.source, None, torch.float32)
+        calibration = _calibration_windows(tokenizer, args.calibration, args.samples, args.seq_len)
+    try:
+        result = search(model, args.candidates, calibration, args.target, include=args.include, exclude=args.exclude,
+                        progress=None if args.quiet else _progress_bar)
+    except (TypeError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    print(result)
+    result.save(args.output)
+    if args.report:
+        save_result(result, args.report)
+    print(f"wrote {args.output}; next: nxm sparsify {args.source} --plan {args.output} -o model.nxm.safetensors")
     return 0
 
 
@@ -378,8 +408,37 @@ def build_parser() -> argparse.ArgumentParser:
                    "multiple of m, e.g. 128 (default: one per output row)")
     p.add_argument("--act-bits", type=int, choices=(8,), help="with --bits: quantize activations per token to int8 "
                    "and multiply integers (W8A8)")
+    p.add_argument("--plan", metavar="JSON", help="each layer's pattern and encoding, as nxm search writes it "
+                   "(instead of --pattern/--bits/--group-size/--act-bits/--include)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_sparsify)
+
+    from .training.search import DEFAULT_CANDIDATES
+
+    p = commands.add_parser(
+        "search",
+        help="choose each layer's pattern and encoding for a compression target; write a plan",
+        description="Measure each Linear's sensitivity to each candidate configuration on calibration data "
+        "(the model's output error with only that layer converted) and choose one per layer reaching "
+        "--target (value bits against fp32) at the least total sensitivity (a knapsack). Writes the plan "
+        "JSON that nxm sparsify --plan, nxm.sparsify(plan=) and the sparsifiers (plan=) read.",
+    )
+    p.add_argument("source", help="'demo' (the built-in DemoTransformer, random tokens) or a Hugging Face "
+                   "model directory with its tokenizer")
+    p.add_argument("-o", "--output", required=True, help="plan JSON to write")
+    p.add_argument("--calibration", metavar="FILE", help="calibration text (UTF-8); required for a model directory")
+    p.add_argument("--candidates", nargs="+", default=list(DEFAULT_CANDIDATES), metavar="CONFIG",
+                   help=f"configurations to choose from (default: {' / '.join(DEFAULT_CANDIDATES)}); "
+                   "a pattern or 'dense', then fp/int8/int4, g<N>, a8")
+    p.add_argument("--target", type=float, default=0.875, help="compression by value bits against fp32 (default "
+                   "0.875 = 2:4 int8 everywhere)")
+    p.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--report", metavar="JSON", help="also write every sensitivity and both compressions here")
+    p.add_argument("--include", action="append", metavar="GLOB", help="only layers whose name matches (repeatable)")
+    p.add_argument("--exclude", action="append", metavar="GLOB", help="skip layers whose name matches (repeatable)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_search)
 
     p = commands.add_parser(
         "inspect",

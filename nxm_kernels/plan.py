@@ -60,6 +60,30 @@ class LayerConfig:
         return f"{self.pattern} {bits}{group}{act}"
 
 
+def parse_config(text: str) -> LayerConfig:
+    """A configuration from its text form, as :class:`LayerConfig` prints it: a pattern or
+    ``dense``, then ``fp`` (default), ``int8`` or ``int4``, optionally ``g<group size>`` and ``a8``
+    (int8 activations): ``"2:4 int4 g128"``, ``"1:4 int8"``, ``"2:4 fp"``, ``"dense"``."""
+    words = text.split()
+    if not words:
+        raise ValueError("an empty configuration: give e.g. '2:4 int8', '2:4 int4 g128' or 'dense'")
+    fields = {"pattern": None if words[0] == "dense" else words[0]}
+    for word in words[1:]:
+        if word in ("fp", "int8", "int4"):
+            fields["weight_bits"] = None if word == "fp" else int(word[3:])
+        elif word[0] == "g" and word[1:].isdigit():
+            fields["group_size"] = int(word[1:])
+        elif word == "a8":
+            fields["act_bits"] = 8
+        else:
+            raise ValueError(f"{word!r} in configuration {text!r}: expected fp, int8, int4, g<group size> or a8 "
+                             "after the pattern (e.g. '2:4 int4 g128')")
+    try:
+        return LayerConfig.make(**fields)
+    except ValueError as e:
+        raise ValueError(f"configuration {text!r}: {e}") from None
+
+
 PlanLike = Union[str, os.PathLike, Mapping[str, Union[LayerConfig, Mapping]]]
 
 

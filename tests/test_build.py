@@ -154,6 +154,12 @@ def test_wheel_installs_into_a_clean_venv(tmp_path):
     # The demo's command and its harness come from the wheel: nothing from a checkout's experiments/.
     demo_help = run(venv / "bin" / "nxm", "demo", "--help", cwd=tmp_path)
     assert "--method" in demo_help and "nxm_kernels.harness" in demo_help
+    nxm_command = venv / "bin" / "nxm"
+    assert "--target" in run(nxm_command, "search", "--help", cwd=tmp_path)
+    run(nxm_command, "search", "demo", "--samples", "1", "--seq-len", "8", "--candidates", "2:4 int8", "-o",
+        "plan.json", "-q", cwd=tmp_path)
+    assert "int8" in run(nxm_command, "sparsify", "demo", "--plan", "plan.json", "-o", "plan.nxm.safetensors", "-q",
+                         cwd=tmp_path)
     where = run(python, "-c", "import nxm_kernels.harness as h, nxm_kernels.demo as d; print(h.__file__, d.__file__)",
                 cwd=tmp_path)
     assert all(Path(p).is_relative_to(site) for p in where.split()), where

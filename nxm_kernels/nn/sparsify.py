@@ -109,6 +109,8 @@ def sparsify(
         include = lambda name, _: name in planned  # noqa: E731
     targets, report_skipped = select_layers(model, asked, include, exclude, whole_groups=False)
     if planned is not None:
+        report_skipped = {n: "not in the plan (or dense there)" if why == "not selected by include" else why
+                          for n, why in report_skipped.items()}
         missing = sorted(set(planned) - set(targets) - set(report_skipped))
         if missing:
             raise ValueError(f"the plan names layers the model has no nn.Linear of: {missing[:5]}; "

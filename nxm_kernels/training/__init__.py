@@ -16,6 +16,7 @@ from .admm import ADMMSparsifier, geometric_rho
 from .baselines import MagnitudePruner, SRSTESparsifier
 from .oneshot import PruneReport, prune
 from .common import NMSparsifier, select_linears
+from .search import SearchResult, search
 
 __all__ = [
     "ADMMSparsifier",
@@ -23,7 +24,9 @@ __all__ = [
     "NMSparsifier",
     "SRSTESparsifier",
     "PruneReport",
+    "SearchResult",
     "geometric_rho",
     "prune",
+    "search",
     "select_linears",
 ]
