@@ -47,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--note", default="", help="free text stored with the results (e.g. 'reduced budget')")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="run every (seed, method) again; by default a rerun keeps the rows that <name>.json already "
+        "holds from a run of the same task and settings",
+    )
+    p.add_argument(
         "--dense-cache",
         default=None,
         help="directory that keeps each seed's dense-phase snapshot, so that runs split over several "
@@ -222,6 +228,22 @@ def combine(paths, note=""):
     }
 
 
+def earlier_run(path: Path, task, cfg) -> dict | None:
+    """The run already in ``path``, if any, when it had the same task and settings (``threads``
+    aside); a run with other settings is refused, not mixed in."""
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    ours = {k: v for k, v in harness.config_dict(cfg).items() if k != "threads"}
+    theirs = {k: v for k, v in data["config"].items() if k != "threads"}
+    if data.get("task", "sentiment") != task or theirs != ours:
+        diff = sorted(k for k in ours if ours[k] != theirs.get(k))
+        raise SystemExit(
+            f"{path} holds a run of other settings ({diff or 'task'}): pass another --name, or --fresh to replace it"
+        )
+    return data
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.combine:
@@ -250,6 +272,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     command = "python experiments/run.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
+    earlier = None if args.fresh else earlier_run(out / f"{name}.json", args.task, cfg)
+    finished = [r for r in (earlier or {}).get("results", []) if r["seed"] in seeds and r["method"] in methods]
+    earlier_seconds = 0.0
+    if finished:
+        print(f"keeping {len(finished)} finished (seed, method) rows of {out / (name + '.json')}", flush=True)
+        command = earlier["command"] + "\n" + command
+        earlier_seconds = earlier["wall_seconds"]
     texts, labels, test_texts, test_labels = harness.load_task(args.task)
     tokenizer, _ = harness.load_minilm()
     start = time.perf_counter()
@@ -266,7 +295,7 @@ def main(argv=None):
             "methods": methods,
             "results": results,
             "summary": summary,
-            "wall_seconds": time.perf_counter() - start,
+            "wall_seconds": earlier_seconds + time.perf_counter() - start,
             "environment": {
                 "torch": torch.__version__,
                 "threads": torch.get_num_threads(),
@@ -292,6 +321,7 @@ def main(argv=None):
         log=lambda s: print(s, flush=True),
         on_result=lambda rows: write(rows, done=False),
         cache_dir=args.dense_cache,
+        finished=finished,
     )
     summary = write(results, done=True)
     print(table(summary, results, methods))

@@ -342,3 +342,21 @@ def test_demo_takes_the_task_and_the_one_shot_methods():
     args = parser.parse_args(["--task", "shakespeare", "--method", "sparsegpt"])
     assert (args.task, args.method) == ("shakespeare", "sparsegpt")
     assert parser.parse_args([]).task == "sentiment"
+
+
+def test_a_rerun_keeps_the_finished_rows_of_the_same_settings(tmp_path):
+    cfg = harness.Config(**TINY)
+    path = Path(_run_json(tmp_path / "r.json", [0], ["dense", "magnitude"], [0.8, 0.7], **TINY))
+    assert run.earlier_run(tmp_path / "none.json", "sentiment", cfg) is None
+    assert len(run.earlier_run(path, "sentiment", cfg)["results"]) == 2
+    with pytest.raises(SystemExit, match=r"other settings \(\['lr'\]\)"):
+        run.earlier_run(path, "sentiment", harness.Config(**(TINY | {"lr": 1e-4})))
+    with pytest.raises(SystemExit, match=r"other settings \(task\)"):
+        run.earlier_run(path, "shakespeare", cfg)
+
+    results = harness.train_and_evaluate(
+        *_inputs(), cfg, [0], ["dense", "magnitude", "wanda"], quiet=True, log=lambda s: None,
+        finished=run.earlier_run(path, "sentiment", cfg)["results"],
+    )
+    assert [(r["method"], r["acc"]) for r in results[:2]] == [("dense", 0.8), ("magnitude", 0.7)]
+    assert [r["method"] for r in results[2:]] == ["wanda"]  # only the missing row ran

@@ -68,6 +68,15 @@ class Config:
     admm_rho: float = 0.1
     admm_rho_factor: float = 1.0
     admm_update_every: int = 16
+    # Quantization-aware training (nxm_kernels.training.qat) for every sparse method: one encoding
+    # for every target, or ``plan`` ({layer name: configuration}, as nxm search writes it).
+    weight_bits: int | None = None
+    group_size: int | None = None
+    act_bits: int | None = None
+    plan: dict | None = None
+    # Distillation of the encoder blocks' outputs from the dense model's, beside ``distill``'s
+    # logits: distill_hidden x mean over blocks of ||h - h_dense||^2 / ||h_dense||^2.
+    distill_hidden: float = 0.0
     calibration_size: int = 256
     eval_batch_size: int = 128
     threads: int = 0
@@ -122,13 +131,20 @@ def train_steps(
     trainable = [p for p in model.parameters() if p.requires_grad]
     last = {}
     for ids, mask, labels in _progress(batches, steps, desc, quiet):
+        hidden = _BlockOutputs(model) if teacher is not None and cfg.distill_hidden > 0 else None
         logits = model(ids, mask)
         loss = F.cross_entropy(logits, labels)
-        if teacher is not None and distill > 0:
+        if teacher is not None and (distill > 0 or hidden is not None):
+            dense_hidden = _BlockOutputs(teacher) if hidden is not None else None
             with torch.no_grad():
-                target = F.softmax(teacher(ids, mask) / cfg.temperature, -1)
-            kd = F.kl_div(F.log_softmax(logits / cfg.temperature, -1), target, reduction="batchmean")
-            loss = (1 - distill) * loss + distill * cfg.temperature**2 * kd
+                teacher_logits = teacher(ids, mask)
+            if distill > 0:
+                target = F.softmax(teacher_logits / cfg.temperature, -1)
+                kd = F.kl_div(F.log_softmax(logits / cfg.temperature, -1), target, reduction="batchmean")
+                loss = (1 - distill) * loss + distill * cfg.temperature**2 * kd
+            if hidden is not None:
+                pairs = list(zip(hidden.pop(), dense_hidden.pop()))
+                loss = loss + cfg.distill_hidden * sum((h - t).pow(2).sum() / t.pow(2).sum() for h, t in pairs) / len(pairs)
         total = loss + sparsifier.penalty() if sparsifier is not None else loss
         total.backward()
         if cfg.max_grad_norm:
@@ -140,6 +156,31 @@ def train_steps(
             sparsifier.step()
         last = {"loss": loss.item()}
     return last
+
+
+class _BlockOutputs:
+    """Records the output hidden state of each block of ``model``'s largest ``nn.ModuleList`` (the
+    encoder's layers) in the next forward pass; ``pop()`` returns them and removes the hooks."""
+
+    def __init__(self, model):
+        blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+        self.outputs = []
+        self.handles = [b.register_forward_hook(lambda m, a, out: self.outputs.append(
+            out[0] if isinstance(out, tuple) else out)) for b in blocks]
+
+    def pop(self):
+        for handle in self.handles:
+            handle.remove()
+        return self.outputs
+
+
+def quantization(cfg: Config) -> dict:
+    """The sparsifiers' quantization arguments from ``cfg`` (nothing when it has none)."""
+    if cfg.plan is not None:
+        return {"plan": cfg.plan}
+    if cfg.weight_bits is None:
+        return {}
+    return {"weight_bits": cfg.weight_bits, "group_size": cfg.group_size, "act_bits": cfg.act_bits}
 
 
 def _one_shot_method(value: str) -> str:
@@ -198,9 +239,9 @@ def make_sparsifier(method, model, cfg: Config, steps, calibration=()):
     if name in ("wanda", "sparsegpt"):
         prune(model, cfg.pattern, method=name, calibration=calibration, progress=False, measure_error=False)
     if name in ONE_SHOT:
-        return MagnitudePruner(model, cfg.pattern)
+        return MagnitudePruner(model, cfg.pattern, **quantization(cfg))
     if name == "srste":
-        return SRSTESparsifier(model, cfg.pattern, decay=overrides.get("decay", cfg.srste_decay))
+        return SRSTESparsifier(model, cfg.pattern, decay=overrides.get("decay", cfg.srste_decay), **quantization(cfg))
     admm = {
         "penalty": cfg.admm_penalty,
         "rho": cfg.admm_rho,
@@ -218,6 +259,7 @@ def make_sparsifier(method, model, cfg: Config, steps, calibration=()):
         penalty=admm["penalty"],
         init=init,
         calibration=calibration if init not in (None, "magnitude") else None,
+        **quantization(cfg),
     )
 
 
@@ -256,7 +298,7 @@ def mask_moved(before: dict, after: dict) -> float:
 
 
 def nm_exact(sparsifier) -> bool:
-    return all(ops.is_nm_sparse(m.weight.detach(), sparsifier.pattern) for m in sparsifier.targets.values())
+    return all(ops.is_nm_sparse(m.weight.detach(), sparsifier.configs[n].pattern) for n, m in sparsifier.targets.items())
 
 
 class Protocol:
@@ -371,7 +413,7 @@ class Protocol:
             s_steps = min(round(overrides["sparse_epochs"] * self.per_epoch), s_steps + f_steps)
             f_steps = self.steps[1] + self.steps[2] - s_steps
         distill = overrides.get("distill", cfg.distill) if name != "dense" else 0.0
-        teacher = self.teacher() if distill > 0 else None
+        teacher = self.teacher() if distill > 0 or (name != "dense" and cfg.distill_hidden > 0) else None
         torch.manual_seed(seed + 1)  # dropout stream, the same for every method
         model, opt, sched = build(self.snapshot[0], cfg, self.load_encoder, self.total, self.num_labels)
         opt.load_state_dict(self.snapshot[1])
@@ -437,15 +479,22 @@ def train_and_evaluate(
     log=print,
     on_result=None,
     cache_dir=None,
+    finished=(),
 ):
     """Run every method for every seed; returns a list of per-(seed, method) result dicts
-    (``on_result(results so far)`` is called after each, so partial runs leave their numbers)."""
+    (``on_result(results so far)`` is called after each, so partial runs leave their numbers).
+    ``finished``: rows of an interrupted run of the same settings, kept; their (seed, method) are
+    not run again."""
     protocol = Protocol(texts, labels, test_texts, test_labels, load_encoder, tokenizer, cfg, quiet, cache_dir)
-    results = []
+    results = list(finished)
+    done = {(r["seed"], r["method"]) for r in results}
     for seed in seeds:
+        todo = [m for m in methods if (seed, m) not in done]
+        if not todo:
+            continue
         acc, seconds = protocol.dense_phase(seed)
         log(f"seed {seed}: after the dense phase ({protocol.steps[0]} steps, {seconds:.0f} s) test accuracy {acc:.4f}")
-        for method in methods:
+        for method in todo:
             _, _, row = protocol.sparse_run(method)
             log(
                 f"seed {seed} {method}: "
