@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nxm_kernels as nxm
+from nxm_kernels.layouts.block import library_bitmaps
 from nxm_kernels.pattern import as_pattern
 
 from conftest import assert_matmul_close
@@ -79,3 +80,56 @@ def test_triton_block_gemm_refuses_mismatched_storage():
     sw = nxm.compress(torch.randn(8, 16), "8:4x4", "block")
     with pytest.raises(ValueError, match=r"values \[rows, 32\] and metadata \[rows, 8\]"):
         torch.ops.nxm_triton.sparse_mm_block(torch.randn(2, 16), sw.values, sw.metadata[:, :6], None, None, 4, 4, 8)
+
+
+# ---------------------------------------------------------------- native CPU (csrc/cpu_block_gemm.cpp)
+
+
+def native_block_gemm():
+    from nxm_kernels import _extension
+
+    if _extension.unavailable_reason() is not None:
+        pytest.skip(_extension.unavailable_reason())
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("nxm::sparse_mm_block", "CPU"):
+        pytest.skip("nxm_kernels._C predates csrc/cpu_block_gemm.cpp: rebuild it")
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_block_gemm_is_exact(kind, dtype):
+    native_block_gemm()
+    pattern = as_pattern(kind)
+    grid = (40 // pattern.block[0], 72 // pattern.block[1])
+    w, x, bias = exact_operands(pattern, grid, 17, dtype, seed=len(str(kind)))
+    sw = nxm.compress(w, pattern, "block")
+    for b in (bias, None):
+        y = nxm.sparse_mm(x, sw, b, backend="native")
+        assert torch.equal(y, nxm.sparse_mm(x, sw, b, backend="reference")), (kind, dtype, b is None)
+
+
+@pytest.mark.parametrize("kind", ["8:4x4", LIBRARY], ids=str)
+@pytest.mark.parametrize("m_rows", [1, 6, 64])
+def test_native_block_gemm_random_values_and_threads(kind, m_rows):
+    native_block_gemm()
+    g = torch.Generator().manual_seed(m_rows)
+    w = torch.randn(256, 512, generator=g)
+    x = torch.randn(m_rows, 512, generator=g)
+    bias = torch.randn(256, generator=g)
+    sw = nxm.compress(w, kind, "block")
+    assert_matmul_close(nxm.sparse_mm(x, sw, bias, backend="native"), x, nxm.decompress(sw), bias)
+    assert nxm.dispatch.select("sparse_mm", None, dict(x=x, sw=sw, bias=bias)).name == "native"  # auto on CPU
+
+
+def test_native_block_gemm_skips_corrupt_mask_numbers_and_refuses_bad_shapes():
+    native_block_gemm()
+    sw = nxm.compress(torch.randn(8, 16), LIBRARY, "block")
+    masks = library_bitmaps(sw.pattern, sw.values.device)
+    numbers = sw.metadata.clone()
+    numbers[0, 0] = 200  # outside the library: the block contributes nothing instead of a wild read
+    x = torch.randn(2, 16)
+    y = torch.ops.nxm.sparse_mm_block(x, sw.values, numbers, masks, None, 4, 4, 8)
+    dense = nxm.decompress(sw)
+    dense[:4, :4] = 0
+    assert_matmul_close(y, x, dense)
+    with pytest.raises(RuntimeError, match=r"mask numbers must be uint8 or int16 \[2, 4\]"):
+        torch.ops.nxm.sparse_mm_block(x, sw.values, numbers[:, :3], masks, None, 4, 4, 8)

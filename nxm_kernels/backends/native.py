@@ -12,6 +12,8 @@ import torch
 
 from .. import _extension, _ops, dispatch
 from ..dispatch import Backend, Support, call_facts
+from ..layouts import BLOCK
+from ..layouts.block import block_gemm_args
 from . import _native_cupy
 
 DEVICES = ("cpu", "cuda")
@@ -40,12 +42,13 @@ class NativeBackend(Backend):
         "compress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         "decompress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         # csrc/cpu_gemm*.cpp: SIMD kernels (AVX-512, AVX2) for 2:4, a portable one for every n:m;
-        # int8/int4 codes dequantized inside (W8A16/W4A16; SIMD on AVX-512)
+        # int8/int4 codes dequantized inside (W8A16/W4A16; SIMD on AVX-512).
+        # csrc/cpu_block_gemm.cpp: the block layout (k-of-RxC bitmaps, mask-library numbers).
         "sparse_mm": Support(
-            layouts=("packed",), dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
-            encodings=("float", "int8", "int4"),
-            advice="the native GEMM reads layout 'packed' on CPU and multiplies float types (int8/int4 weights "
-                   "with float activations): use another backend for the rest",
+            layouts=("packed", "block"), dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
+            encodings=("float", "int8", "int4"), kinds=("row", "block", "library"),
+            advice="the native GEMM reads layouts 'packed' and 'block' on CPU and multiplies float types (int8/int4 "
+                   "weights with float activations, packed only): use another backend for the rest",
         ),
     }
     auto_devices = DEVICES
@@ -62,6 +65,9 @@ class NativeBackend(Backend):
             return []
         if device.type == "cpu" and _extension.unavailable_reason():
             return [_extension.unavailable_reason()]
+        if op == "sparse_mm" and call_facts(inputs)[0] == BLOCK and not _has_block_gemm():
+            return ["nxm_kernels._C predates the block-layout GEMM (csrc/cpu_block_gemm.cpp): rebuild it "
+                    "(pip install --no-build-isolation -e .)"]
         if device.type == "cuda" and not _extension.has_cuda_kernels() and _native_cupy.unavailable_reason():
             return [
                 "nxm_kernels._C has no CUDA kernels (built without nvcc or with NXM_SKIP_CUDA_BUILD=1, or not "
@@ -88,11 +94,18 @@ class NativeBackend(Backend):
         return decompress(sw.values, sw.metadata, sw.shape, sw.pattern)
 
     def sparse_mm(self, x, sw, bias):
+        if sw.layout == BLOCK:
+            masks, rows, cols, kept = block_gemm_args(sw)
+            return torch.ops.nxm.sparse_mm_block(x, sw.values, sw.metadata, masks, bias, rows, cols, kept)
         n, m, encoding = sw.pattern.n, sw.pattern.m, sw.encoding
         if encoding.quantized:
             return torch.ops.nxm.sparse_mm_packed_q(x, sw.values, sw.metadata, sw.scales, bias, n, m, encoding.bits,
                                                     encoding.group_size or 0)
         return torch.ops.nxm.sparse_mm_packed(x, sw.values, sw.metadata, bias, n, m)
+
+
+def _has_block_gemm() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("nxm::sparse_mm_block", "CPU")
 
 
 def _through_cupy(t: torch.Tensor) -> bool:

@@ -1,0 +1,173 @@
+// CPU GEMM y = x @ W^T (+ bias) of a weight in the block layout (nxm_kernels/layouts/block.py): every
+// R x C block keeps `kept` entries, stored as its kept values in row-major order plus a bitmap (entry i
+// at bit i%8 of byte i//8), or, for a mask library, a mask number into a table of such bitmaps.
+// Specification: reference.sparse_mm. Schema of sparse_mm_block: nxm_kernels/_ops.py.
+//
+// Threads take whole block rows (R output rows). A block row is decoded once into, per output row,
+// the list of its kept columns and their values in fp32; then each output row is a sparse dot product
+// with every row of x (fp32, converted once per call), four rows of x at a time so that each decoded
+// entry is read once per four products. Accumulation in fp32 with eight partial sums per row (as
+// the packed GEMM's portable kernel, csrc/cpu_gemm.cpp), rounded once to the output dtype.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "op_common.h"
+
+namespace nxm {
+namespace {
+
+constexpr const char* kOp = "nxm::sparse_mm_block";
+constexpr int kLanes = 8;    // partial sums per product
+constexpr int kXRows = 4;    // rows of x per pass over a decoded weight row
+
+struct BlockGemm {
+  const float* x;            // [m_rows, k] fp32, contiguous
+  int64_t m_rows, k;
+  int64_t rows, cols, kept;  // the block: rows x cols entries, kept of them
+  int64_t bitmap_bytes;
+  const void* values;        // [n / rows, (k / cols) * kept] of the output dtype
+  const uint8_t* bitmaps;    // [n / rows, (k / cols) * bitmap_bytes] (no library), or
+  const void* numbers;       // [n / rows, k / cols] uint8 or int16 mask numbers into
+  bool numbers_int16;
+  const uint8_t* masks;      //   masks [mask_count, bitmap_bytes]
+  int64_t mask_count;
+  const float* bias;         // [n] fp32, or nullptr
+  void* y;                   // [m_rows, n] of the output dtype
+  int64_t n;
+};
+
+// The bitmap of block (block_row, block_col); nullptr for a mask number outside the library (only in
+// unchecked corrupt metadata: that block contributes nothing).
+const uint8_t* bitmap_of(const BlockGemm& g, int64_t block_row, int64_t block_col) {
+  const int64_t grid_cols = g.k / g.cols;
+  if (g.masks == nullptr) return g.bitmaps + (block_row * grid_cols + block_col) * g.bitmap_bytes;
+  const int64_t at = block_row * grid_cols + block_col;
+  const int64_t number = g.numbers_int16 ? int64_t(static_cast<const int16_t*>(g.numbers)[at])
+                                         : int64_t(static_cast<const uint8_t*>(g.numbers)[at]);
+  return number >= 0 && number < g.mask_count ? g.masks + number * g.bitmap_bytes : nullptr;
+}
+
+template <typename Value>
+void gemm_block_rows(const BlockGemm& g, int64_t begin, int64_t end) {
+  const int64_t grid_cols = g.k / g.cols;
+  const int64_t entries = g.rows * g.cols;
+  std::vector<std::vector<int64_t>> columns(g.rows);
+  std::vector<std::vector<float>> weights(g.rows);
+  for (int64_t block_row = begin; block_row < end; ++block_row) {
+    for (int64_t r = 0; r < g.rows; ++r) {
+      columns[r].clear();
+      weights[r].clear();
+    }
+    const Value* values = static_cast<const Value*>(g.values) + block_row * grid_cols * g.kept;
+    for (int64_t block_col = 0; block_col < grid_cols; ++block_col) {
+      const uint8_t* bitmap = bitmap_of(g, block_row, block_col);
+      if (bitmap == nullptr) continue;
+      int64_t slot = 0;  // the kept entries of a block, in row-major order, are its values in order
+      for (int64_t e = 0; e < entries && slot < g.kept; ++e) {
+        if (!((bitmap[e / 8] >> (e % 8)) & 1)) continue;
+        columns[e / g.cols].push_back(block_col * g.cols + e % g.cols);
+        weights[e / g.cols].push_back(float(values[block_col * g.kept + slot++]));
+      }
+    }
+    for (int64_t r = 0; r < g.rows; ++r) {
+      const int64_t out = block_row * g.rows + r;
+      const int64_t* col = columns[r].data();
+      const float* w = weights[r].data();
+      const int64_t count = int64_t(columns[r].size());
+      const float b = g.bias ? g.bias[out] : 0.0f;
+      for (int64_t i0 = 0; i0 < g.m_rows; i0 += kXRows) {
+        const int64_t rows_here = std::min<int64_t>(kXRows, g.m_rows - i0);
+        float acc[kXRows][kLanes] = {};
+        const float* x[kXRows];
+        for (int64_t i = 0; i < kXRows; ++i) x[i] = g.x + std::min(i0 + i, g.m_rows - 1) * g.k;
+        for (int64_t s = 0; s < count; ++s)
+          for (int i = 0; i < kXRows; ++i) acc[i][s % kLanes] += w[s] * x[i][col[s]];
+        for (int64_t i = 0; i < rows_here; ++i) {
+          const float* a = acc[i];
+          const float sum = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+          static_cast<Value*>(g.y)[(i0 + i) * g.n + out] = Value(sum + b);
+        }
+      }
+    }
+  }
+}
+
+at::Tensor sparse_mm_block_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
+                               const std::optional<at::Tensor>& masks, const std::optional<at::Tensor>& bias,
+                               int64_t block_rows, int64_t block_cols, int64_t kept) {
+  check_2d(x, "x", kOp);
+  check_2d(values, "values", kOp);
+  check_2d(metadata, "metadata", kOp);
+  const at::ScalarType t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, kOp,
+              ": x must be float32, bfloat16 or float16, got ", t);
+  TORCH_CHECK(values.scalar_type() == t, kOp, ": x is ", t, " but the weight is ", values.scalar_type(),
+              ": cast one to match");
+  TORCH_CHECK(block_rows >= 1 && block_cols >= 1 && block_rows * block_cols <= 256 && 1 <= kept &&
+                  kept < block_rows * block_cols,
+              kOp, ": unsupported block ", kept, ":", block_rows, "x", block_cols,
+              " (need 1 <= kept < rows * cols <= 256)");
+  const int64_t k = x.size(1), grid_rows = values.size(0);
+  TORCH_CHECK(k % block_cols == 0, kOp, ": in_features=", k, " is not a multiple of the block's ", block_cols,
+              " columns");
+  const int64_t grid_cols = k / block_cols, bitmap_bytes = (block_rows * block_cols + 7) / 8;
+  TORCH_CHECK(values.size(1) == grid_cols * kept, kOp, ": values have shape ", values.sizes(), ", expected [",
+              grid_rows, ", ", grid_cols * kept, "]");
+  if (masks) {
+    TORCH_CHECK(masks->dim() == 2 && masks->scalar_type() == at::kByte && masks->size(1) == bitmap_bytes, kOp,
+                ": masks must be uint8 [count, ", bitmap_bytes, "], got ", masks->scalar_type(), " ", masks->sizes());
+    TORCH_CHECK((metadata.scalar_type() == at::kByte || metadata.scalar_type() == at::kShort) &&
+                    metadata.size(0) == grid_rows && metadata.size(1) == grid_cols,
+                kOp, ": mask numbers must be uint8 or int16 [", grid_rows, ", ", grid_cols, "], got ",
+                metadata.scalar_type(), " ", metadata.sizes());
+  } else {
+    TORCH_CHECK(metadata.scalar_type() == at::kByte && metadata.size(0) == grid_rows &&
+                    metadata.size(1) == grid_cols * bitmap_bytes,
+                kOp, ": bitmaps must be uint8 [", grid_rows, ", ", grid_cols * bitmap_bytes, "], got ",
+                metadata.scalar_type(), " ", metadata.sizes());
+  }
+  const int64_t n = grid_rows * block_rows;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == t, kOp, ": bias must be ", t,
+                " [", n, "], got ", bias->scalar_type(), " ", bias->sizes());
+  }
+  TORCH_CHECK(values.device() == x.device() && metadata.device() == x.device() &&
+                  (!masks || masks->device() == x.device()),
+              kOp, ": x, values, metadata and masks must be on one device");
+
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor v = values.contiguous(), meta = metadata.contiguous();
+  const at::Tensor table = masks ? masks->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  if (y.numel() == 0) return y;
+
+  BlockGemm g{x32.const_data_ptr<float>(), x.size(0), k, block_rows, block_cols, kept, bitmap_bytes,
+              v.const_data_ptr(), masks ? nullptr : meta.const_data_ptr<uint8_t>(),
+              masks ? meta.const_data_ptr() : nullptr, meta.scalar_type() == at::kShort,
+              masks ? table.const_data_ptr<uint8_t>() : nullptr, masks ? table.size(0) : 0,
+              bias ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), n};
+  // Tasks of at least ~64K multiply-adds, so that the thread hand-off stays small on a small layer.
+  const int64_t work_per_block_row = std::max<int64_t>(1, x.size(0) * k * kept / block_cols);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work_per_block_row);
+  at::parallel_for(0, grid_rows, grain, [&](int64_t begin, int64_t end) {
+    switch (t) {
+      case at::kFloat: return gemm_block_rows<float>(g, begin, end);
+      case at::kBFloat16: return gemm_block_rows<c10::BFloat16>(g, begin, end);
+      default: return gemm_block_rows<c10::Half>(g, begin, end);
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nxm, CPU, m) { m.impl("sparse_mm_block", &sparse_mm_block_cpu); }
+
+}  // namespace nxm
