@@ -120,3 +120,31 @@ def test_bad_quantization_settings_are_refused():
         MagnitudePruner(_model(), "2:4", weight_bits=4, group_size=6)
     with pytest.raises(ValueError, match="act_bits=8 .* needs weight_bits"):
         MagnitudePruner(_model(), "2:4", act_bits=8)
+
+
+@pytest.mark.slow
+def test_experiment_runner_quick_writes_resumable_rows(tmp_path):
+    """experiments/nxmiformer.py --quick: a tiny BERT through QAT with distillation of logits and
+    block outputs, a searched plan; the JSON has the issue's fields, and a rerun adds nothing."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location(
+        "nxmiformer", Path(__file__).resolve().parent.parent / "experiments" / "nxmiformer.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    argv = ["--quick", "--quiet", "--out", str(tmp_path), "--configs", "2:4 int4 g128;search 93%", "--methods", "admm"]
+    runner.main(argv)
+    record = json.loads((tmp_path / "nxmiformer.json").read_text())
+    assert [(c["name"], c["method"]) for c in record["configs"]] == [("2:4 int4 g128", "admm"), ("search 93%", "admm")]
+    for entry in record["configs"]:
+        assert {"name", "method", "compression", "compression_actual", "accuracy", "dense_accuracy", "retention",
+                "seeds", "minutes"} <= set(entry)
+        assert entry["retention"] == pytest.approx(entry["accuracy"] / entry["dense_accuracy"])
+        assert entry["exact"] and entry["compression_actual"] < entry["compression"]
+    assert record["configs"][0]["compression"] == 0.9375 and record["configs"][1]["compression"] >= 0.93
+    assert "| search 93% | admm |" in (tmp_path / "nxmiformer.md").read_text()
+    runner.main(argv)  # every row is there: nothing runs again
+    assert len(json.loads((tmp_path / "nxmiformer.json").read_text())["runs"]) == 2

@@ -88,6 +88,16 @@ def stored_bytes(weight: torch.Tensor, config: LayerConfig) -> int:
     return ops.compress(w, config.pattern, bits=config.weight_bits, group_size=config.group_size).nbytes
 
 
+def compression(model: nn.Module, plan: dict[str, LayerConfig]) -> tuple[float, float]:
+    """``(by value bits, by stored bytes)`` of ``plan`` on ``model``'s weights, against fp32,
+    over the layers the plan names (dense ones count in full)."""
+    weights = [(unwrap(model).get_submodule(name).weight.detach(), config) for name, config in plan.items()]
+    fp32_bits = sum(w.numel() * 32 for w, _ in weights)
+    bits = sum(value_bits(w, config) for w, config in weights)
+    stored = sum(stored_bytes(w, config) for w, config in weights)
+    return 1 - bits / fp32_bits, 1 - stored / (fp32_bits // 8)
+
+
 def _output(out) -> torch.Tensor:
     for key in ("logits", "last_hidden_state"):
         value = getattr(out, key, None)
