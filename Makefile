@@ -51,8 +51,9 @@ bench: $(STAMP)
 # On a GPU server, first: the acceptance run with the server's own Python and torch (PYTHON=/path/to/python;
 # no venv, nothing installed). It builds _C in place for the local GPU, runs the gpu tests, checks every
 # cuSPARSELt algorithm, benchmarks, and writes a summary (GPU_CHECK_ARGS, e.g. --out DIR; see --help).
+# The folder runs by path, so the package and a stale _C are not imported before the build (see its __main__.py).
 gpu-check:
-	$(PYTHON) nxm_kernels/gpu_check.py $(GPU_CHECK_ARGS)
+	$(PYTHON) nxm_kernels/gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .hypothesis .benchmarks .pytest_cache

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from unittest import mock
 
@@ -15,6 +16,7 @@ import torch
 
 from nxm_kernels import cli, gpu_check
 from nxm_kernels.backends import cusparselt
+from nxm_kernels.gpu_check import algorithms, bench, build, gpu_tests, outcome, plan, processes, summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_without_a_gpu_it_says_so_and_exits_3(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides any GPU from the step's process
-    assert cli.main(["gpu-check", "--out", str(tmp_path)]) == gpu_check.EXIT_NO_GPU == 3
+    assert cli.main(["gpu-check", "--out", str(tmp_path)]) == outcome.EXIT_NO_GPU == 3
     out = capsys.readouterr().out
     assert "no CUDA GPU is visible" in out and "exit 3" in out
     result = json.loads((tmp_path / "summary.json").read_text())
@@ -42,21 +44,21 @@ def test_dry_run_prints_the_plan_and_runs_nothing(monkeypatch, capsys):
     monkeypatch.setattr(subprocess, "Popen", refuse)
     monkeypatch.setattr(subprocess, "run", refuse)
     assert gpu_check.main(["--dry-run", "--python", "/opt/venv/bin/python"]) == 0
-    plan = capsys.readouterr().out
-    for name, budget in gpu_check.BUDGETS.items():
-        assert f"{name}".ljust(10) + f" {budget:>3} s" in plan
-    assert "/opt/venv/bin/python setup.py build_ext --inplace" in plan and "TORCH_CUDA_ARCH_LIST" in plan
-    assert "TRITON_INTERPRET=0 pytest -m gpu" in plan and "tests/test_cusparselt_gpu.py" in plan
-    assert "M = 1, 16, 128, 4096, 16384" in plan and "decoder-8b.mlp-up 14336x4096" in plan
-    assert "float16, bfloat16, int8, float8_e4m3fn, float32" in plan and "256x512 M=64" in plan
-    w4a16 = gpu_check.w4a16_blocker()  # the low-bit issue may have landed in this checkout, or not
+    printed = capsys.readouterr().out
+    for name, budget in plan.BUDGETS.items():
+        assert f"{name}".ljust(10) + f" {budget:>3} s" in printed
+    assert "/opt/venv/bin/python setup.py build_ext --inplace" in printed and "TORCH_CUDA_ARCH_LIST" in printed
+    assert "TRITON_INTERPRET=0 pytest -m gpu" in printed and "tests/test_cusparselt_gpu.py" in printed
+    assert "M = 1, 16, 128, 4096, 16384" in printed and "decoder-8b.mlp-up 14336x4096" in printed
+    assert "float16, bfloat16, int8, float8_e4m3fn, float32" in printed and "256x512 M=64" in printed
+    w4a16 = plan.w4a16_blocker()  # the low-bit issue may have landed in this checkout, or not
     assert "W4A16 2:4 against fp16 at M = 1, 4, 16: " + ("int4 2:4 weights" if w4a16 is None else f"skipped: {w4a16}") \
-        in plan
-    assert "480 s" in plan and "3 no CUDA GPU is visible" in plan
+        in printed
+    assert "480 s" in printed and "3 no CUDA GPU is visible" in printed
 
 
 def test_the_budgets_fit_eight_minutes_and_help_says_so(capsys):
-    assert sum(gpu_check.BUDGETS.values()) + gpu_check.SUMMARY_S <= gpu_check.TIME_LIMIT_S == 8 * 60
+    assert sum(plan.BUDGETS.values()) + plan.SUMMARY_S <= plan.TIME_LIMIT_S == 8 * 60
     assert gpu_check.main(["--help"]) == 0
     text = capsys.readouterr().out
     assert "within 8 minutes on one H100/H200-class GPU, build included" in text
@@ -66,14 +68,14 @@ def test_the_budgets_fit_eight_minutes_and_help_says_so(capsys):
 def test_readme_documents_the_budgets_and_exit_codes():
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## On a GPU server: run this first"):]
-    budgets = ", ".join(f"{name} {seconds} s" for name, seconds in gpu_check.BUDGETS.items())
+    budgets = ", ".join(f"{name} {seconds} s" for name, seconds in plan.BUDGETS.items())
     assert budgets in " ".join(section.split())
-    for code, meaning in gpu_check.EXIT_MEANING.items():
+    for code, meaning in outcome.EXIT_MEANING.items():
         assert f"{code} {meaning.split(' (')[0]}" in " ".join(section.split())
 
 
 def test_bad_usage_exits_2(capsys):
-    assert cli.main(["gpu-check", "--skip", "env"]) == gpu_check.EXIT_USAGE
+    assert cli.main(["gpu-check", "--skip", "env"]) == outcome.EXIT_USAGE
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -87,31 +89,32 @@ def test_nxm_help_lists_gpu_check(capsys):
 def test_make_target_uses_the_given_python_and_installs_nothing():
     out = subprocess.run(["make", "-n", "gpu-check", "PYTHON=python3", "GPU_CHECK_ARGS=--out x"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "python3 nxm_kernels/gpu_check.py --out x"
+    assert out.strip() == "python3 nxm_kernels/gpu_check --out x"
     assert ".venv" not in out and "pip" not in out and "torch" not in out
 
 
 def test_the_check_covers_the_split_k_values_tune_tries():
-    assert gpu_check.SPLIT_K == cusparselt.TUNE_SPLIT_K
+    assert plan.SPLIT_K == cusparselt.TUNE_SPLIT_K
 
 
 def test_bench_shapes_are_the_benchmark_suites():
     from benchmarks import cases
 
-    for name, shape in gpu_check.BENCH_SHAPES.items():
+    for name, shape in plan.BENCH_SHAPES.items():
         assert cases.MODEL_SHAPES[name] == shape
 
 
 def test_gpu_check_loads_the_guards_without_importing_the_package():
     """gpu-check reads them by path, before the extension is built."""
-    code = ("import runpy, sys; m = runpy.run_path('nxm_kernels/gpu_check.py')['_load_compat'](); "
+    code = ("import runpy, sys; gpu_check = runpy.run_path('nxm_kernels/gpu_check')['load_standalone'](); "
+            "m = gpu_check.environment.load_compat(); "
             "print(m.MIN_TORCH == (2, 11), m.problems() == [], 'nxm_kernels' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.split() == ["True", "True", "False"]
 
 
 def test_gpu_test_files_are_those_with_gpu_tests():
-    files = gpu_check.gpu_test_files()
+    files = plan.gpu_test_files()
     assert "tests/test_cusparselt_gpu.py" in files and "tests/test_triton_gpu.py" in files
     assert "tests/test_gpu_check.py" not in files and "tests/test_pattern.py" not in files
 
@@ -132,37 +135,37 @@ def test_build_targets_only_the_local_architecture(tmp_path, monkeypatch):
 
     loaded = {"build": {"torch": "2.11.0+cu130", "cuda": "13.0", "cuda_archs": "9.0"}, "why": None,
               "cuda_kernels": True, "cusparselt": None}
-    monkeypatch.setattr(gpu_check, "_run_process", fake_run_process)
-    monkeypatch.setattr(gpu_check.subprocess, "run",
+    monkeypatch.setattr(build, "run_process", fake_run_process)
+    monkeypatch.setattr(build.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 0, json.dumps(loaded) + "\n", ""))
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.setenv("NXM_SKIP_CUDA_BUILD", "1")
-    step = gpu_check.StepResult("build", 150)
-    gpu_check.step_build("/srv/python", tmp_path, step, GPU_ENV, "inplace")
+    step = outcome.StepResult("build", 150)
+    build.step_build("/srv/python", tmp_path, step, GPU_ENV, "inplace")
     assert started["argv"] == ["/srv/python", "setup.py", "build_ext", "--inplace"]
     env = started["env"]
     assert env["NXM_CUDA_ARCHS"] == env["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert env["CUDA_HOME"] == "/usr/local/cuda-13.0" and env["NXM_FORCE_CUDA"] == "1"
     assert "NXM_SKIP_CUDA_BUILD" not in env and started["budget"] == 150
     assert step.status == "passed" and "sm 9.0" in step.summary
-    editable = gpu_check.build_command("/srv/python", "editable")
+    editable = plan.build_command("/srv/python", "editable")
     assert editable == ["/srv/python", "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
 
 
 def test_a_failed_build_stops_the_run_with_exit_4(tmp_path, monkeypatch):
     (tmp_path / "build.log").write_text("error: csrc/cpu_ops.cpp:12: no member named 'foo'\n")
-    monkeypatch.setattr(gpu_check, "_run_process", lambda *a, **k: (1, 30.0))
-    step = gpu_check.StepResult("build", 150)
-    gpu_check.step_build("python", tmp_path, step, GPU_ENV, "inplace")
+    monkeypatch.setattr(build, "run_process", lambda *a, **k: (1, 30.0))
+    step = outcome.StepResult("build", 150)
+    build.step_build("python", tmp_path, step, GPU_ENV, "inplace")
     assert step.status == "failed" and "no member named 'foo'" in step.summary
-    env = gpu_check.StepResult("env", 40, "passed", detail={"gpus": GPU_ENV["gpus"]})
-    assert gpu_check.exit_code([env, step]) == gpu_check.EXIT_BUILD
+    env = outcome.StepResult("env", 40, "passed", detail={"gpus": GPU_ENV["gpus"]})
+    assert outcome.exit_code([env, step]) == outcome.EXIT_BUILD
 
 
 def test_build_without_nvcc_says_how_to_fix_it(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_HOME", raising=False)
-    step = gpu_check.StepResult("build", 150)
-    gpu_check.step_build("python", tmp_path, step, {**GPU_ENV, "cuda_home": None}, "inplace")
+    step = outcome.StepResult("build", 150)
+    build.step_build("python", tmp_path, step, {**GPU_ENV, "cuda_home": None}, "inplace")
     assert step.status == "failed" and "set CUDA_HOME" in step.summary
 
 
@@ -179,7 +182,7 @@ ERROR tests/test_triton_gpu.py::test_sparse_mm_autotuned[2:4-1-dtype0] - Runtime
 
 
 def test_parse_pytest_counts_and_names_the_failures():
-    parsed = gpu_check.parse_pytest(PYTEST_LOG)
+    parsed = gpu_tests.parse_pytest(PYTEST_LOG)
     assert parsed["counts"] == {"passed": 1, "failed": 1, "skipped": 1, "error": 1}
     assert parsed["failed"] == {"tests/test_cusparselt_gpu.py::test_opcheck": "AssertionError: fake kernel shape",
                                 "tests/test_triton_gpu.py::test_sparse_mm_autotuned[2:4-1-dtype0]":
@@ -195,40 +198,40 @@ def test_tests_step_runs_the_gpu_tests_with_compiled_triton(tmp_path, monkeypatc
         log_path.write_text(PYTEST_LOG)
         return 1, 40.0
 
-    monkeypatch.setattr(gpu_check, "_run_process", fake_run_process)
+    monkeypatch.setattr(gpu_tests, "run_process", fake_run_process)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("NXM_BACKEND", "reference")
-    step = gpu_check.StepResult("tests", 165)
-    gpu_check.step_tests("python", tmp_path, step)
+    step = outcome.StepResult("tests", 165)
+    gpu_tests.step_tests("python", tmp_path, step)
     argv, env = started["argv"], started["env"]
     assert argv[:5] == ["python", "-m", "pytest", "-m", "gpu"] and "tests/test_triton_gpu.py" in argv
     assert env["TRITON_INTERPRET"] == "0" and "NXM_BACKEND" not in env
     assert step.status == "failed" and "1 failed" in step.summary
-    assert gpu_check.exit_code([step]) == gpu_check.EXIT_WRONG
+    assert outcome.exit_code([step]) == outcome.EXIT_WRONG
 
 
 def test_a_step_past_its_budget_is_stopped(tmp_path):
     """The whole process group goes, and the step says how far it got."""
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); " \
              "print('started', flush=True); time.sleep(60)"
-    rc, seconds = gpu_check._run_process([sys.executable, "-c", script], tmp_path / "x.log", 3)
+    rc, seconds = processes.run_process([sys.executable, "-c", script], tmp_path / "x.log", 3)
     assert rc is None and 3 <= seconds < 30
     assert (tmp_path / "x.log").read_text().strip() == "started"
 
 
 def test_exit_code_precedence():
     def step(name, status, gpus=True):
-        return gpu_check.StepResult(name, 1, status, detail={"gpus": GPU_ENV["gpus"] if gpus else [],
+        return outcome.StepResult(name, 1, status, detail={"gpus": GPU_ENV["gpus"] if gpus else [],
                                                              "no_gpu": not gpus})
 
     ok = [step("env", "passed"), step("build", "passed"), step("tests", "passed")]
-    assert gpu_check.exit_code(ok) == 0
-    assert gpu_check.exit_code(ok + [step("bench", "skipped")]) == 0
-    assert gpu_check.exit_code([step("env", "failed", gpus=False)]) == 3
-    assert gpu_check.exit_code([step("env", "failed")]) == 4  # a GPU, but torch/triton too old
-    assert gpu_check.exit_code([gpu_check.StepResult("env", 1, "failed", detail={"gpus": []})]) == 4  # crashed
-    assert gpu_check.exit_code(ok + [step("algorithms", "timed out")]) == 5
-    assert gpu_check.exit_code(ok + [step("algorithms", "timed out"), step("bench", "failed")]) == 1
+    assert outcome.exit_code(ok) == 0
+    assert outcome.exit_code(ok + [step("bench", "skipped")]) == 0
+    assert outcome.exit_code([step("env", "failed", gpus=False)]) == 3
+    assert outcome.exit_code([step("env", "failed")]) == 4  # a GPU, but torch/triton too old
+    assert outcome.exit_code([outcome.StepResult("env", 1, "failed", detail={"gpus": []})]) == 4  # crashed
+    assert outcome.exit_code(ok + [step("algorithms", "timed out")]) == 5
+    assert outcome.exit_code(ok + [step("algorithms", "timed out"), step("bench", "failed")]) == 1
 
 
 # ---------------------------------------------------------------- cuSPARSELt algorithms and their exclusion
@@ -257,7 +260,7 @@ class FakeRunner:
 
     def error(self, case, alg_id, split_k):
         if alg_id == 7 and split_k == 8:
-            raise gpu_check.UnsupportedConfig("MatmulAlgSetAttribute (split-k) failed")
+            raise algorithms.UnsupportedConfig("MatmulAlgSetAttribute (split-k) failed")
         key = (case, alg_id, split_k)
         self.calls[key] = self.calls.get(key, 0) + 1
         if alg_id == 20 and case.shape[0] >= 256 and self.calls[key] % 2 == 0:
@@ -269,14 +272,14 @@ class FakeRunner:
 
 def test_wrong_algorithms_are_found_and_named():
     clock = Clock()
-    cases = gpu_check.algorithm_cases(("float16", "int8"))
-    excluded = gpu_check.check_algorithms(FakeRunner(), cases, clock, capability=(9, 0))
+    cases = algorithms.algorithm_cases(("float16", "int8"))
+    excluded = algorithms.check_algorithms(FakeRunner(), cases, clock, capability=(9, 0))
     assert {dtype: sorted(ids) for dtype, ids in excluded.items()} == {"float16": [3, 20], "int8": [3, 20]}
     assert excluded["float16"][20].startswith("1024x512 M=512 split-k 0: 3 of 512 outputs differ")
     assert excluded["int8"][3] == "1024x512 M=512 split-k 4: all outputs are zero"
     last = clock.records[2]  # the medium case: every split-k, and repeats of the heuristic one
     assert last["shape"] == "1024x512 M=512" and last["unsupported"] == 1
-    assert last["runs"] == 25 * (gpu_check.REPEATS + 4) - 1
+    assert last["runs"] == 25 * (plan.REPEATS + 4) - 1
     assert last["wrong"] == {"3": excluded["float16"][3], "20": excluded["float16"][20]}
     assert [r["runs"] for r in clock.records[:2]] == [25, 25]  # decode and 256-row shapes: heuristic split-k once
 
@@ -286,14 +289,14 @@ def test_known_wrong_ids_are_excluded_on_their_gpu_even_when_right_here():
         def error(self, case, alg_id, split_k):
             return None
 
-    cases = gpu_check.algorithm_cases(("bfloat16",))
-    on_a100 = gpu_check.check_algorithms(AlwaysRight(), cases, Clock(), capability=(8, 0))
+    cases = algorithms.algorithm_cases(("bfloat16",))
+    on_a100 = algorithms.check_algorithms(AlwaysRight(), cases, Clock(), capability=(8, 0))
     assert list(on_a100["bfloat16"]) == [20] and on_a100["bfloat16"][20].startswith("known: pytorch#155333")
-    assert gpu_check.check_algorithms(AlwaysRight(), cases, Clock(), capability=(9, 0)) == {"bfloat16": {}}
+    assert algorithms.check_algorithms(AlwaysRight(), cases, Clock(), capability=(9, 0)) == {"bfloat16": {}}
 
 
 def test_the_check_stops_at_its_deadline():
-    assert gpu_check.check_algorithms(FakeRunner(), gpu_check.algorithm_cases(), Clock(seconds=0)) is None
+    assert algorithms.check_algorithms(FakeRunner(), algorithms.algorithm_cases(), Clock(seconds=0)) is None
 
 
 @pytest.fixture
@@ -305,7 +308,7 @@ def fake_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(cusparselt, "library_version", lambda: 801)
     monkeypatch.setattr(cusparselt, "_EXCLUDED", cusparselt._Excluded())
     key = cusparselt.exclusion_key("NVIDIA A100-SXM4-80GB", 801, torch.float16)
-    gpu_check.write_exclusions(cusparselt.exclusions_path(), {key: {20: "wrong", 0: "wrong"}}, "today")
+    algorithms.write_exclusions(cusparselt.exclusions_path(), {key: {20: "wrong", 0: "wrong"}}, "today")
     return key
 
 
@@ -314,7 +317,7 @@ def test_exclusions_round_trip_and_a_new_check_replaces_them(fake_gpu):
     assert path.parent.parent == Path(os.environ["XDG_CACHE_HOME"])
     assert cusparselt.read_exclusions(path) == {fake_gpu: frozenset({0, 20})}
     bf16 = cusparselt.exclusion_key("NVIDIA A100-SXM4-80GB", 801, torch.bfloat16)
-    gpu_check.write_exclusions(path, {fake_gpu: {}, bf16: {5: "wrong"}}, "tomorrow")
+    algorithms.write_exclusions(path, {fake_gpu: {}, bf16: {5: "wrong"}}, "tomorrow")
     assert cusparselt.read_exclusions(path) == {fake_gpu: frozenset(), bf16: frozenset({5})}
     assert json.loads(path.read_text())[bf16] == {"alg_ids": [5], "why": {"5": "wrong"}, "checked": "tomorrow"}
 
@@ -336,22 +339,22 @@ def test_calls_never_run_an_excluded_algorithm(fake_gpu):
 
 def test_the_algorithm_step_writes_exclusions_that_calls_then_honour(tmp_path, monkeypatch, fake_gpu):
     """The worker's glue and the step's reading of it, with the fake runner in place of the GPU."""
-    monkeypatch.setattr(gpu_check, "GpuAlgorithmRunner", FakeRunner)
+    monkeypatch.setattr(algorithms, "GpuAlgorithmRunner", FakeRunner)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA A100-SXM4-80GB")
-    with gpu_check.Recorder(tmp_path / "algorithms.jsonl", 60) as record:
-        gpu_check.worker_algorithms(record)
-    monkeypatch.setattr(gpu_check, "_run_worker", lambda name, python, out_dir, step: gpu_check._records(
+    with processes.Recorder(tmp_path / "algorithms.jsonl", 60) as record:
+        algorithms.worker_algorithms(record)
+    monkeypatch.setattr(algorithms, "run_worker", lambda name, python, out_dir, step: processes.read_records(
         out_dir / f"{name}.jsonl"))
-    step = gpu_check.StepResult("algorithms", 40)
-    gpu_check.step_algorithms("python", tmp_path, step)
+    step = outcome.StepResult("algorithms", 40)
+    algorithms.step_algorithms("python", tmp_path, step)
     assert step.status == "failed" and "excluded from tuning: float16 3, 20; bfloat16 3, 20" in step.summary
-    assert len(step.detail["cases"]) == 3 * len(gpu_check.ALGORITHM_DTYPES)
+    assert len(step.detail["cases"]) == 3 * len(plan.ALGORITHM_DTYPES)
     assert "cuSPARSELt int8 algorithm 20: 1024x512 M=512 split-k 0" in " ".join(step.detail["wrong"])
     written = cusparselt.read_exclusions(cusparselt.exclusions_path())
     assert written[fake_gpu] == {3, 20}  # this check replaced the earlier {0, 20}
     assert all(written[cusparselt.exclusion_key("NVIDIA A100-SXM4-80GB", 801, getattr(torch, name))] == {3, 20}
-               for name in gpu_check.ALGORITHM_DTYPES)
+               for name in plan.ALGORITHM_DTYPES)
     cusparselt._EXCLUDED.ids = None  # a later process reads the new file
     assert cusparselt._EXCLUDED.usable((20, 0), torch.device("cpu"), torch.int8) == (0, 0)
 
@@ -359,10 +362,10 @@ def test_the_algorithm_step_writes_exclusions_that_calls_then_honour(tmp_path, m
 def test_a_wrong_algorithm_fails_the_step_even_when_the_check_ran_out_of_time(tmp_path, monkeypatch):
     case = {"kind": "case", "dtype": "float16", "shape": "256x512 M=64", "max_id": 24, "runs": 25, "unsupported": 0,
             "wrong": {"20": "256x512 M=64 split-k 0: 3 of 16384 outputs differ"}}
-    monkeypatch.setattr(gpu_check, "_run_worker", lambda *args: [case, {"kind": "end", "complete": False,
+    monkeypatch.setattr(algorithms, "run_worker", lambda *args: [case, {"kind": "end", "complete": False,
                                                                        "excluded": {}, "exclusion_file": "x"}])
-    step = gpu_check.StepResult("algorithms", 40)
-    gpu_check.step_algorithms("python", tmp_path, step)
+    step = outcome.StepResult("algorithms", 40)
+    algorithms.step_algorithms("python", tmp_path, step)
     assert step.status == "failed" and "before the budget ran out" in step.summary
     assert "wrong, not yet excluded: float16 20" in step.summary
     assert step.detail["wrong"] == ["cuSPARSELt float16 algorithm 20: 256x512 M=64 split-k 0: 3 of 16384 outputs differ"]
@@ -373,18 +376,18 @@ def test_the_bench_step_fails_on_a_wrong_output_and_times_out_when_incomplete(tm
            "notes": [], "wrong": [], "best_speedup": 1.5}
     records = [{"kind": "impls", "impls": ["cusparselt", "cuBLAS dense"]}, row,
                {"kind": "w4a16", "rows": None, "why": "not landed"}, {"kind": "end", "complete": True}]
-    monkeypatch.setattr(gpu_check, "_run_worker", lambda *args: records)
-    step = gpu_check.StepResult("bench", 70)
-    gpu_check.step_bench("python", tmp_path, step)
+    monkeypatch.setattr(bench, "run_worker", lambda *args: records)
+    step = outcome.StepResult("bench", 70)
+    bench.step_bench("python", tmp_path, step)
     assert step.status == "passed" and "best sparse speed-up 1.50x" in step.summary
     assert step.detail["w4a16"] == "not landed"
     records[1] = {**row, "wrong": ["decoder-8b.attn-qo M=1 triton: max error 3 > allowed 0.01"]}
-    step = gpu_check.StepResult("bench", 70)
-    gpu_check.step_bench("python", tmp_path, step)
+    step = outcome.StepResult("bench", 70)
+    bench.step_bench("python", tmp_path, step)
     assert step.status == "failed" and "triton: max error 3" in step.summary
     records[1], records[-1] = row, {"kind": "end", "complete": False}
-    step = gpu_check.StepResult("bench", 70)
-    gpu_check.step_bench("python", tmp_path, step)
+    step = outcome.StepResult("bench", 70)
+    bench.step_bench("python", tmp_path, step)
     assert step.status == "timed out"
 
 
@@ -430,18 +433,18 @@ def test_tune_never_times_an_excluded_algorithm(fake_gpu, monkeypatch):
 
 def fake_result():
     steps = [
-        gpu_check.StepResult("env", 40, "passed", 5.2, "NVIDIA H200 sm_90, torch 2.11.0+cu130",
+        outcome.StepResult("env", 40, "passed", 5.2, "NVIDIA H200 sm_90, torch 2.11.0+cu130",
                              {"gpus": GPU_ENV["gpus"]}),
-        gpu_check.StepResult("build", 150, "passed", 61.0, "_C for sm 9.0"),
-        gpu_check.StepResult("tests", 165, "failed", 120.5, "pytest exit 1: 1 failed, 80 passed in 118s",
+        outcome.StepResult("build", 150, "passed", 61.0, "_C for sm 9.0"),
+        outcome.StepResult("tests", 165, "failed", 120.5, "pytest exit 1: 1 failed, 80 passed in 118s",
                              {"failed": {"tests/test_cusparselt_gpu.py::test_opcheck": "AssertionError: shape"}}),
-        gpu_check.StepResult("algorithms", 40, "failed", 22.0, "excluded from tuning: bfloat16 20", {
+        outcome.StepResult("algorithms", 40, "failed", 22.0, "excluded from tuning: bfloat16 20", {
             "cases": [{"dtype": "bfloat16", "shape": "1024x512 M=512", "max_id": 24, "runs": 174, "unsupported": 1,
                        "wrong": {"20": "split-k 0: 3 of 512 outputs differ"}}],
             "excluded": {"bfloat16": {"20": "1024x512 M=512 split-k 0: 3 of 512 outputs differ"}},
             "skipped": ["float8_e4m3fn: needs sm_89"], "exclusion_file": "/root/.cache/x.json",
             "wrong": ["cuSPARSELt bfloat16 algorithm 20: 1024x512 M=512 split-k 0: 3 of 512 outputs differ"]}),
-        gpu_check.StepResult("bench", 70, "passed", 50.0, "10 GEMM rows", {
+        outcome.StepResult("bench", 70, "passed", 50.0, "10 GEMM rows", {
             "impls": ["cusparselt", "triton", "cuBLAS dense"],
             "gemm": [{"shape": "decoder-8b.attn-qo 4096x4096", "m": 16, "us": {"cusparselt": 10.0, "triton": None,
                                                                             "cuBLAS dense": 20.0},
@@ -451,14 +454,14 @@ def fake_result():
                          {"kernel": "triton cutlass", "us": None, "why": "no | GPU"}]}),
     ]
     return {"format": 1, "command": "nxm gpu-check", "started": "2026-12-03T10:00:00", "seconds": 301.2,
-            "exit_code": 1, "outcome": gpu_check.EXIT_MEANING[1],
+            "exit_code": 1, "outcome": outcome.EXIT_MEANING[1],
             "environment": {**GPU_ENV, "triton": "3.6.0", "packages": {"pytest": "8.4", "hypothesis": None}},
-            "steps": [gpu_check.asdict(s) for s in steps]}
+            "steps": [asdict(s) for s in steps]}
 
 
 def test_summary_writers(tmp_path):
     result = fake_result()
-    json_path, md_path = gpu_check.write_summary(result, tmp_path / "out")
+    json_path, md_path = summary.write_summary(result, tmp_path / "out")
     assert json.loads(json_path.read_text()) == result
     md = md_path.read_text()
     assert md.startswith("# nxm gpu-check on NVIDIA H200 (sm_90)")
