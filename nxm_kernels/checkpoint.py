@@ -106,7 +106,8 @@ class SparseCheckpoint:
 def layer_bytes(layer: SparseLinear) -> tuple[int, int]:
     """(bytes stored: the weight's tensors and the bias; bytes of the same layer as a dense nn.Linear)."""
     stored = layer.weight_sparse.nbytes + (layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0)
-    dense = (layer.in_features + (layer.bias is not None)) * layer.out_features * layer.values.element_size()
+    # (the weight's dtype: a quantized layer's values are codes, its dense form is its float dtype)
+    dense = (layer.in_features + (layer.bias is not None)) * layer.out_features * layer.weight_sparse.dtype.itemsize
     return stored, dense
 
 

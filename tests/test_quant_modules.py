@@ -226,3 +226,13 @@ def test_opcheck_sparse_linear_quantized():
             None, None, "", [], None, None, layer.scales, "int4-g32", 0)
     torch.library.opcheck(torch.ops.nxm.sparse_linear.default, args)
     assert torch.equal(torch.ops.nxm.sparse_linear(*args), layer(x))
+
+
+def test_sizes_count_quantized_layers_in_their_float_dtype(tmp_path):
+    from nxm_kernels.checkpoint import layer_bytes
+
+    model = nn.Sequential(nn.Linear(128, 64, bias=False)).half()
+    report = nxm.sparsify(model, "2:4", include=["0"], weight_bits=4, group_size=128)
+    stored, dense = layer_bytes(model[0])
+    assert dense == 128 * 64 * 2 and stored == 64 * 32 + 64 * 16 + 64 * 4  # codes, metadata, scales
+    assert report.params_after == 64 * 64  # the kept weights, not the bytes holding them

@@ -57,7 +57,9 @@ def model_size(model: nn.Module) -> tuple[int, int]:
     params = sum(p.numel() for p in model.parameters())
     for module in model.modules():
         if isinstance(module, SparseLinear):
-            params += module.values.numel() + (module.bias.numel() if module.bias is not None else 0)
+            sw = module.weight_sparse
+            kept = sw.encoding.codes_weight(sw).values if sw.encoding.quantized else sw.values  # (int4: 2 a byte)
+            params += kept.numel() + (module.bias.numel() if module.bias is not None else 0)
     return params, nbytes
 
 
