@@ -94,7 +94,8 @@ def load_plan(plan: PlanLike) -> dict[str, LayerConfig]:
         with open(plan) as f:
             plan = json.load(f)
     if not isinstance(plan, Mapping):
-        raise TypeError(f"a plan is a JSON file or a mapping of layer names to configurations, got {type(plan).__name__}")
+        raise TypeError(f"a plan is a JSON file or a mapping of layer names to configurations, "
+                        f"got {type(plan).__name__}")
     configs = {}
     for name, entry in plan.items():
         if isinstance(entry, LayerConfig):

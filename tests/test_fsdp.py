@@ -45,7 +45,8 @@ def _no_weight_gathers():
     def refuse(*args, **kwargs):
         raise AssertionError("a weight was gathered")
 
-    saved = [(dist, "all_gather_into_tensor"), (dist, "all_gather"), (DTensor, "full_tensor"), (DTensor, "redistribute")]
+    saved = [(dist, "all_gather_into_tensor"), (dist, "all_gather"), (DTensor, "full_tensor"),
+             (DTensor, "redistribute")]
     originals = [getattr(owner, name) for owner, name in saved]
     for owner, name in saved:
         setattr(owner, name, refuse)

@@ -103,7 +103,9 @@ def test_plan_round_trips_through_json_sparsify_and_the_sparsifiers(tmp_path):
     x = calibration[0]
     with torch.no_grad():
         expected, got = trained(x), stored(x)
-    assert torch.allclose(got, expected, rtol=0, atol=64 * 3 * torch.finfo(torch.float32).eps * float(expected.abs().max()))
+    # fp32 summation order only, through 3 products of up to 64 terms each
+    tol = 64 * 3 * torch.finfo(torch.float32).eps * float(expected.abs().max())
+    assert torch.allclose(got, expected, rtol=0, atol=tol)
     resparsified = nxm.sparsify(trained)  # the marks carry the plan's configurations
     assert set(resparsified.converted) == set(result.plan)
 

@@ -144,7 +144,8 @@ def train_steps(
                 loss = (1 - distill) * loss + distill * cfg.temperature**2 * kd
             if hidden is not None:
                 pairs = list(zip(hidden.pop(), dense_hidden.pop()))
-                loss = loss + cfg.distill_hidden * sum((h - t).pow(2).sum() / t.pow(2).sum() for h, t in pairs) / len(pairs)
+                mismatch = sum((h - t).pow(2).sum() / t.pow(2).sum() for h, t in pairs) / len(pairs)
+                loss = loss + cfg.distill_hidden * mismatch
         total = loss + sparsifier.penalty() if sparsifier is not None else loss
         total.backward()
         if cfg.max_grad_norm:
@@ -298,7 +299,8 @@ def mask_moved(before: dict, after: dict) -> float:
 
 
 def nm_exact(sparsifier) -> bool:
-    return all(ops.is_nm_sparse(m.weight.detach(), sparsifier.configs[n].pattern) for n, m in sparsifier.targets.items())
+    return all(ops.is_nm_sparse(m.weight.detach(), sparsifier.configs[n].pattern)
+               for n, m in sparsifier.targets.items())
 
 
 class Protocol:

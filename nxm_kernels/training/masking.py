@@ -54,7 +54,8 @@ def fix_mask(module: nn.Module, mask: torch.Tensor) -> None:
     """Fix ``module.weight``'s mask (bool, the weight's shape) and apply it now."""
     shape = local(module.weight).shape  # the rank's shard under FSDP2
     if mask.shape != shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool of the weight's shape {tuple(shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(f"mask must be bool of the weight's shape {tuple(shape)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
     release(module)
     module.register_buffer(MASK_BUFFER, mask.to(module.weight.device), persistent=False)
     # Named functions, not lambdas: the model still pickles.

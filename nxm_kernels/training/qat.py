@@ -90,7 +90,8 @@ def install(module: nn.Linear, config: LayerConfig, sparse: bool) -> None:
 
 def remove(module: nn.Linear) -> None:
     """Back to the plain forward."""
-    if module.__dict__.pop(STATE, None) is not None and getattr(module.__dict__.get("forward"), "__func__", None) is _forward:
+    installed = getattr(module.__dict__.get("forward"), "__func__", None) is _forward
+    if module.__dict__.pop(STATE, None) is not None and installed:
         del module.forward
 
 
