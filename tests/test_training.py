@@ -387,3 +387,37 @@ def test_sparsify_after_admm_changes_no_output():
     with torch.no_grad():
         sparse = model(ids).last_hidden_state
     torch.testing.assert_close(sparse, masked_dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "8:4x4"])
+def test_admm_then_hard_prune_then_srste_retraining(pattern):
+    """retrain="srste": ADMM, then finalize() hard-prunes and SR-STE retrains (the forward uses
+    project(W), pruned weights still get gradients, a mask can move), then finalize() fixes masks."""
+    with pytest.raises(ValueError, match="retrain must be None"):
+        ADMMSparsifier(_model(), pattern, retrain="ste")
+    model, (x, y) = _model(), _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    admm = ADMMSparsifier(model, pattern, rho=0.1, update_every=4, retrain="srste", retrain_decay=0.0)
+    _train(model, admm, opt, 8, x, y)
+    admm.finalize()
+    assert admm.retraining and not admm.finalized and admm.Z == {}
+    for module in admm.targets.values():
+        assert nxm.is_nm_sparse(module.weight.detach(), pattern)  # the hard prune
+    assert float(admm.penalty()) == 0.0
+    pruned = {n: nxm.nm_mask(m.weight.detach(), pattern) for n, m in admm.targets.items()}
+    _train(model, admm, opt, 30, x, y)
+    layer = admm.targets["blocks.0.up"]
+    w = layer.weight.detach()
+    assert (w[~pruned["blocks.0.up"]] != 0).any()  # not a masked fine-tune: pruned weights trained on
+    h = torch.randn(5, w.shape[1])
+    assert torch.equal(layer(h), F.linear(h, nxm.project(w, pattern), layer.bias))  # SR-STE's forward
+    assert any(not torch.equal(nxm.nm_mask(m.weight.detach(), pattern), pruned[n]) for n, m in admm.targets.items())
+    state = admm.state_dict()
+    admm.finalize()
+    assert admm.finalized and not admm.retraining and "forward" not in layer.__dict__
+    _train(model, admm, opt, 3, x, y)
+    for module in admm.targets.values():
+        assert nxm.is_nm_sparse(module.weight.detach(), pattern)
+    resumed = ADMMSparsifier(_model(), pattern, retrain="srste")
+    resumed.load_state_dict(state)
+    assert resumed.retraining and "forward" in resumed.targets["blocks.0.up"].__dict__

@@ -7,6 +7,10 @@ Minimise f(W) subject to W in S (the N:M set) by splitting W = Z, Z in S, scaled
 - U-step: U = U + W - Z;
 
 until ||W - Z|| is small; then ``finalize()`` hard-prunes W = project(W) and fixes the masks.
+With ``retrain="srste"`` (ADMM pattern pruning's recipe: ADMM, hard prune, SR-STE retraining) the
+first ``finalize()`` hard-prunes and retrains with SR-STE instead of fixed masks (the forward uses
+project(W), the gradient reaches every weight, pruned ones decay), and a second ``finalize()``
+fixes the masks.
 
 Two ways to apply the rho term, because adaptive optimizers change what it means:
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from typing import Callable
 
 import torch
@@ -40,11 +45,13 @@ from torch import nn
 
 from .. import ops
 from ..pattern import PatternLike
-from . import sharding
+from . import qat, sharding
+from .baselines import SRSTESparsifier, _srste_forward
 from .common import NMSparsifier, Selector, unwrap
 
 PENALTIES = ("loss", "proximal")
 INITS = (None, "magnitude", "wanda", "sparsegpt")
+RETRAINS = (None, "srste")
 
 
 def _one_shot_weights(model: nn.Module, pattern, names: list[str], method: str, calibration) -> dict:
@@ -82,6 +89,13 @@ class ADMMSparsifier(NMSparsifier):
     ``"sparsegpt"`` start Z from that one-shot pruning of the weights (:func:`.oneshot.prune` on a
     copy of the model, with ``calibration``: an iterable of model inputs), U = 0 either way. The
     model's weights are not changed.
+
+    ``retrain="srste"``: the first ``finalize()`` hard-prunes W = project(W) and drops Z and U,
+    then training continues as SR-STE (``retrain_decay``: its lambda_W, see
+    :class:`.SRSTESparsifier`), so a mask can still move where the task asks for it;
+    ``retraining`` is True in that phase and ``step()`` / ``penalty()`` do nothing but count. The
+    second ``finalize()`` fixes the masks SR-STE ended with (masked fine-tuning from there on).
+    Layers SR-STE cannot train (``nn.MultiheadAttention``'s ``out_proj``) are skipped, with why.
     """
 
     kind = "admm"
@@ -99,8 +113,15 @@ class ADMMSparsifier(NMSparsifier):
         penalty: str = "loss",
         init: str | None = None,
         calibration=None,
+        retrain: str | None = None,
+        retrain_decay: float = 2e-4,
         **quantization,
     ):
+        if retrain not in RETRAINS:
+            raise ValueError(f"retrain must be None (masked fine-tuning after finalize) or 'srste', got {retrain!r}")
+        if not retrain_decay >= 0:
+            raise ValueError(f"retrain_decay must be >= 0, got {retrain_decay!r}")
+        self.retrain, self.retrain_decay, self.retraining = retrain, float(retrain_decay), False
         super().__init__(model, pattern, include, exclude, **quantization)
         if init not in INITS:
             raise ValueError(f"init must be None or one of {INITS[1:]}, got {init!r}")
@@ -135,8 +156,8 @@ class ADMMSparsifier(NMSparsifier):
                 self.U[name] = torch.zeros_like(w)
 
     def penalty(self) -> torch.Tensor:
-        """rho/2 * sum ||W - Z + U||^2 (zero once finalized, or with ``penalty="proximal"``)."""
-        if self.finalized or self.penalty_mode != "loss":
+        """rho/2 * sum ||W - Z + U||^2 (zero once finalized or retraining, or with ``penalty="proximal"``)."""
+        if self.finalized or self.retraining or self.penalty_mode != "loss":
             return self._zero()
         if any(sharding.is_sharded(m.weight) for m in self.targets.values()):
             raise RuntimeError(
@@ -153,8 +174,8 @@ class ADMMSparsifier(NMSparsifier):
         """Add the penalty's gradient rho (W - Z + U) to each weight's ``.grad``: ``penalty()`` for
         loops that do not own the loss (the Hugging Face Trainer, FSDP). Call it after
         ``backward()`` (and any gradient clipping), before ``opt.step()``; it does nothing once
-        finalized or with ``penalty="proximal"``."""
-        if self.finalized or self.penalty_mode != "loss":
+        finalized or retraining, or with ``penalty="proximal"``."""
+        if self.finalized or self.retraining or self.penalty_mode != "loss":
             return
         with torch.no_grad():
             for n, module in self.targets.items():
@@ -167,9 +188,11 @@ class ADMMSparsifier(NMSparsifier):
 
     def residual(self) -> dict:
         """Relative primal ||W - Z|| / ||W||, dual ||Z - Z_prev|| / ||W|| of the last Z-step, rho
-        (over all ranks under FSDP)."""
+        (over all ranks under FSDP); while retraining, the distance of W from the N:M set."""
         if self.finalized:
             return {"primal": 0.0, "dual": 0.0, "rho": self.rho}
+        if self.retraining:
+            return super().residual()
         with torch.no_grad():
             weights = [(self._master(m.weight), m.weight) for m in self.targets.values()]
             w_sq = max(sharding.sq_norm(weights), 1e-30)
@@ -177,12 +200,49 @@ class ADMMSparsifier(NMSparsifier):
         return {"primal": (primal / w_sq) ** 0.5, "dual": (self.last_dual / w_sq) ** 0.5, "rho": self.rho}
 
     def finalize(self) -> "ADMMSparsifier":
-        """W = project(W), masks fixed; Z and U are dropped."""
-        super().finalize()
+        """W = project(W), masks fixed; Z and U are dropped. With ``retrain="srste"``, the first call
+        hard-prunes and starts SR-STE retraining, the second fixes the masks."""
         self.Z, self.U = {}, {}
+        if self.retrain == "srste" and not self.retraining and not self.finalized:
+            self._start_retraining()
+            return self
+        self._stop_retraining()
+        super().finalize()
         return self
 
+    def remove(self) -> None:
+        self._stop_retraining()
+        super().remove()
+
+    def _cannot_train(self, parent: nn.Module | None) -> str | None:
+        return SRSTESparsifier._cannot_train(self, parent) if self.retrain == "srste" else None
+
+    def _start_retraining(self) -> None:
+        """Hard prune W = project(W), then train every target through SR-STE's forward."""
+        with torch.no_grad():
+            for name, module in self.targets.items():
+                pattern = self.configs[name].pattern
+                weight = sharding.local(module.weight)
+                weight.copy_(ops.project(self._master(module.weight), pattern).to(weight.dtype))
+        self._install_srste()
+
+    def _install_srste(self) -> None:
+        for name, module in self.targets.items():
+            module._nxm_pattern, module._nxm_decay = self.configs[name].pattern, self.retrain_decay
+            module.forward = types.MethodType(_srste_forward, module)
+            if self.configs[name].quantized:
+                qat.install(module, self.configs[name], sparse=True)
+        self.retraining = True
+
+    def _stop_retraining(self) -> None:
+        if self.retraining:
+            for module in self.targets.values():
+                del module.forward, module._nxm_pattern, module._nxm_decay
+            self.retraining = False
+
     def _sparsify_step(self) -> None:
+        if self.retraining:
+            return  # SR-STE acts in the forward and backward passes
         with torch.no_grad():
             if self.penalty_mode == "proximal":
                 for n, module in self.targets.items():
@@ -227,6 +287,7 @@ class ADMMSparsifier(NMSparsifier):
         state.update(
             rho=self.rho,
             last_dual=self.last_dual,
+            retraining=self.retraining,
             Z={n: z.clone() for n, z in self.Z.items()},
             U={n: u.clone() for n, u in self.U.items()},
         )
@@ -236,5 +297,8 @@ class ADMMSparsifier(NMSparsifier):
         super().load_state_dict(state)
         self.rho = float(state["rho"])
         self.last_dual = float(state["last_dual"])
+        self._stop_retraining()
+        if state.get("retraining") and not self.finalized:
+            self._install_srste()
         self.Z = {n: z.to(self.targets[n].weight.device) for n, z in state["Z"].items()}
         self.U = {n: u.to(self.targets[n].weight.device) for n, u in state["U"].items()}
