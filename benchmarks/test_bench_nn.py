@@ -5,6 +5,7 @@ Skipped, with the reason, while ``nxm.SparseLinear`` / ``nxm.sparsify`` are not 
 
 import copy
 import functools
+import os
 
 import pytest
 import torch
@@ -60,6 +61,44 @@ def test_sparse_linear_forward(benchmark, profile, linear_case, backend):
             dtype=cases.dtype_name(dtype), model=shape_name, shape=[out_features, in_features], m=m,
             backend=backend, bytes=sparse.weight_sparse.nbytes, baselines_unavailable={},
         )
+
+
+# all-MiniLM-L6-v2's attention projections: a layer small enough that per-call work shows.
+OVERHEAD_SHAPE = (384, 384)
+
+
+@pytest.mark.parametrize("entry", ["SparseLinear", "nxm.sparse_mm"])
+def test_per_call_overhead(benchmark, profile, entry):
+    """SparseLinear.forward (or nxm.sparse_mm) at M=1, fp32, one thread, against nn.Linear on the
+    projected weight; beside it the native kernel called directly (torch.ops.nxm.sparse_mm_packed),
+    the floor that the Python above it adds to. Goal: SparseLinear at most 1.5x nn.Linear."""
+    require_nn("SparseLinear")
+    out_features, in_features = OVERHEAD_SHAPE
+    sparse = nxm.SparseLinear.from_dense(nn.Linear(in_features, out_features), "2:4", layout="packed")
+    x = cases.activations(1, in_features, torch.float32, "cpu")
+    sw = sparse.weight_sparse
+    cases.require_backend("native", "sparse_mm", x=x, sw=sw, bias=sparse.bias)
+    masked = sparse.to_dense()
+    candidate = functools.partial(sparse, x) if entry == "SparseLinear" else functools.partial(nxm.sparse_mm, x, sw,
+                                                                                                 sparse.bias)
+    kernel = functools.partial(torch.ops.nxm.sparse_mm_packed, x, sw.values, sw.metadata, sparse.bias, 2, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    benchmark.group = f"per-call overhead {entry} 2:4 fp32 {out_features}x{in_features} M=1 1 thread"
+    try:
+        with torch.inference_mode():
+            ratios = harness.measure(
+                benchmark, profile, torch.device("cpu"), candidate,
+                {"nn.Linear (masked dense)": functools.partial(masked, x), "native kernel alone": kernel},
+                kind="overhead", op=entry, layout="packed", pattern="2:4", dtype="fp32", model="all-minilm-l6.attn",
+                shape=[out_features, in_features], m=1, backend="auto (native)", bytes=sw.nbytes,
+                baselines_unavailable={},
+            )
+    finally:
+        torch.set_num_threads(threads)
+    linear, alone = ratios["nn.Linear (masked dense)"], ratios["native kernel alone"]
+    print(f"\n| {entry} | {linear['median']:.2f}x [{linear['min']:.2f}-{linear['max']:.2f}] | "
+          f"{alone['median']:.2f}x [{alone['min']:.2f}-{alone['max']:.2f}] | {os.getloadavg()[0]:.1f} |")
 
 
 class BertBaseEncoderLinears(nn.Module):
