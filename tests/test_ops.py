@@ -75,7 +75,9 @@ def python_op_cases():
     shape = list(sw.shape)
     layer = nxm.SparseLinear.from_dense(torch.nn.Linear(30, 10).half(), "2:4", layout="packed")
     xl = torch.randn(3, 30).half().requires_grad_()
-    return [
+    qw = nxm.compress(w, "2:4", bits=4, group_size=32, backend="reference")  # int4 codes, fp32 scales
+    quantized = [("nxm::sparse_mm_packed_q", (x[0].detach(), qw.values, qw.metadata, qw.scales, bias, 2, 4, 4, 32))]
+    return (quantized if _extension.unavailable_reason() is None else []) + [
         ("nxm::sparse_mm", (x, sw.values, sw.metadata, bias, shape, "2:4", "cutlass", "auto")),
         ("nxm::sparse_mm", (x, sw.values, sw.metadata, None, shape, "2:4", "cutlass", "reference")),
         ("nxm::sparse_mm_grad_input", (torch.randn(3, 32).half(), sw.values, sw.metadata, shape, "2:4", "cutlass")),
