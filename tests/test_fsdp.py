@@ -1,7 +1,7 @@
 """The sparsifiers under FSDP2 (``fully_shard``): 2 CPU processes with gloo, each Linear sharded
-by rows, each rank its half of the batch. Every method must end where the single-process run on
-the whole batch ends (W, Z, U, masks), computing on its own shards only; a pattern whose blocks
-would cross a shard edge is refused."""
+by rows, each rank its half of the batch. Every method, quantization-aware ones too, must end
+where the single-process run on the whole batch ends (W, Z, U, masks, Adam's moments), computing
+on its own shards only; a pattern whose blocks would cross a shard edge is refused."""
 
 import contextlib
 
@@ -23,6 +23,10 @@ SCENARIOS = {
                                                    exclude=("4",)),
     "srste": lambda m: SRSTESparsifier(m, "2:4", exclude=("4",)),
     "magnitude": lambda m: MagnitudePruner(m, "2:4", exclude=("4",)),
+    # quantization-aware: per-row and per-group scales lie within a row, so within a shard
+    "admm-loss-int4": lambda m: ADMMSparsifier(m, "2:4", rho=0.05, update_every=3, weight_bits=4, group_size=16,
+                                               exclude=("4",)),
+    "magnitude-int8": lambda m: MagnitudePruner(m, "2:4", weight_bits=8, exclude=("4",)),
 }
 
 
