@@ -42,9 +42,14 @@ def test_knapsack_is_optimal_against_brute_force():
                 choose(sens, costs, budget, resolution=budget)
             continue
         best = min(sum(sens[k][i] for k, i in enumerate(c)) for c in feasible)
-        chosen = choose(sens, costs, budget, resolution=budget)  # one unit = one cost: exact
+        chosen = choose(sens, costs, budget, resolution=budget)  # exact
         assert sum(costs[k][i] for k, i in enumerate(chosen)) <= budget
         assert sum(sens[k][i] for k, i in enumerate(chosen)) == pytest.approx(best, abs=1e-12)
+        try:  # rounded up to 1/7 of the budget: never over it (or nothing fits), maybe not optimal
+            coarse = choose(sens, costs, budget, resolution=7)
+        except ValueError:
+            continue
+        assert sum(costs[k][i] for k, i in enumerate(coarse)) <= budget
 
 
 def test_search_meets_its_target_and_counts_both_compressions():
@@ -69,7 +74,7 @@ def test_search_meets_its_target_and_counts_both_compressions():
     assert result.compression_actual == pytest.approx(1 - stored / (fp32_bits / 8))
     assert result.compression_actual < result.compression  # metadata and scales cost bytes
 
-    uniform = search(model, ["2:4 int8"], calibration, 0.875)
+    uniform = search(model, ["2:4 int8"], calibration, 0.875)  # exactly the budget: the DP counts exactly
     assert uniform.compression == 0.875  # the paper's count for 2:4 int8
     with pytest.raises(ValueError, match="at most 87.50% compression"):
         search(model, ["2:4 int8"], calibration, 0.9)

@@ -11,8 +11,9 @@ compression target at the least total sensitivity:
    state). One layer at a time: sensitivities are treated as additive.
 2. Choice: a multiple-choice knapsack by dynamic programming. The cost of a choice is its value
    bits (kept weights x bits per value, 32 for fp, as the papers count against fp32), counted in
-   units of 1/``resolution`` of the budget and rounded up, so the plan always meets the target;
-   the DP minimises the summed sensitivity within the budget. Ties go to the candidate listed
+   units of the costs' common divisor (exact), or of 1/``resolution`` of the budget rounded up
+   when that gives too many units, so the plan always meets the target; the DP minimises the
+   summed sensitivity within the budget. Ties go to the candidate listed
    first, then to the cheaper choice: the result depends only on the model, the calibration and
    the candidates.
 
@@ -142,22 +143,28 @@ def measure(model: nn.Module, layer: nn.Linear, config: LayerConfig, calibration
 
 def choose(sensitivity: list[list[float]], costs: list[list[int]], budget: int, resolution: int) -> list[int]:
     """Multiple-choice knapsack: one option per group, sum of costs <= budget, least summed
-    sensitivity. Costs are rounded up to units of budget / resolution (never over budget)."""
-    unit = budget / resolution
-    units = [[math.ceil(c / unit - 1e-9) for c in row] for row in costs]
+    sensitivity. Exact when the budget holds at most ``resolution`` units of the costs' greatest
+    common divisor (layers of a model share one, large); else costs are rounded up to units of
+    budget / resolution, so the choice never exceeds the budget."""
+    common = math.gcd(*(c for row in costs for c in row))
+    if common and budget // common <= resolution:
+        slots, units = budget // common, [[c // common for c in row] for row in costs]
+    else:
+        slots, unit = resolution, budget / resolution
+        units = [[math.ceil(c / unit - 1e-9) for c in row] for row in costs]
     inf = float("inf")
-    best = [0.0] + [inf] * resolution  # best[b]: least sensitivity using exactly b units so far
+    best = [0.0] + [inf] * slots  # best[b]: least sensitivity using exactly b units so far
     picks = []
     for sens_row, unit_row in zip(sensitivity, units):
-        new, pick = [inf] * (resolution + 1), [-1] * (resolution + 1)
+        new, pick = [inf] * (slots + 1), [-1] * (slots + 1)
         for option, (s, u) in enumerate(zip(sens_row, unit_row)):
-            for b in range(u, resolution + 1):
+            for b in range(u, slots + 1):
                 value = best[b - u] + s
                 if value < new[b]:  # strict: the first-listed option wins a tie
                     new[b], pick[b] = value, option
         best = new
         picks.append(pick)
-    end = min(range(resolution + 1), key=lambda b: (best[b], b))
+    end = min(range(slots + 1), key=lambda b: (best[b], b))
     if best[end] == inf:
         raise ValueError("no combination of the candidates meets the compression target")
     chosen = []
