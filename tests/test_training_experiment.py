@@ -80,6 +80,7 @@ def test_protocol_same_steps_exact_pattern_and_results_files(tmp_path):
     assert all(0 <= r["mask_moved"] <= 1 for r in results[1:])
 
     run.write_summary(tmp_path)  # no JSON yet: an empty summary, not an error
+    (tmp_path / "causal_lm.json").write_text(json.dumps({"dense": 20.1}))  # another experiment's: left alone
     data = {
         "note": "test",
         "complete": True,
