@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import time
@@ -61,11 +62,13 @@ def encode(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+def decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, after_prefill=None) -> tuple[float, list[int]]:
     """Greedy decoding with the KV cache: (seconds for ``new_tokens`` steps after the prefill, tokens)."""
     out = model(prompt, use_cache=True)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [int(token)]
+    if after_prefill is not None:
+        after_prefill()
     start = time.perf_counter()
     for _ in range(new_tokens):
         out = model(token, past_key_values=out.past_key_values, use_cache=True)
@@ -127,7 +130,7 @@ def minilm(args) -> list[str]:
     return rows(f"all-MiniLM-L6-v2, 1 sentence ({tokens} tokens)", "sentences/s", 1.0, times, made)
 
 
-def smollm2(args) -> list[str]:
+def smollm2(args) -> tuple[list[str], list[str]]:
     from nxm_kernels.causal_lm.model import PROMPT, load_smollm2
 
     model, tokenizer = load_smollm2()
@@ -147,22 +150,46 @@ def smollm2(args) -> list[str]:
     times = interleaved({name: step(name, m) for name, m in made.items()}, args.rounds)
     for name, tokens in texts.items():
         print(f"SmolLM2 {name}: {tokenizer.decode(tokens[:16])!r}...")
-    if args.profile:
-        profile_decode(made, prompt)
-    return rows(f"SmolLM2-135M greedy decode ({prompt.shape[1]}-token prompt, {args.new_tokens} new)", "tokens/s",
+    breakdown = profile_decode(made, prompt) if args.profile else []
+    return breakdown, rows(f"SmolLM2-135M greedy decode ({prompt.shape[1]}-token prompt, {args.new_tokens} new)", "tokens/s",
                 args.new_tokens, times, made)
 
 
-def profile_decode(made: dict, prompt: torch.Tensor, steps: int = 8) -> None:
-    """Where a decode step's time goes: torch.profiler's top operators by self CPU time."""
+def profile_decode(made: dict, prompt: torch.Tensor, steps: int = 16) -> list[str]:
+    """Where a decode step's time goes, per variant: the decoder's Linears, lm_head and the rest
+    (attention, norms, rotary embedding, Python), timed by hooks around each Linear's forward (the
+    prefill excluded); torch.profiler's top operators of the 2:4 variants are printed."""
     from torch.profiler import ProfilerActivity, profile
 
+    table = ["| variant | ms per token | decoder Linears | lm_head | rest |", "|---|---|---|---|---|"]
     for name, model in made.items():
-        decode(model, prompt, 2)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            decode(model, prompt, steps)
-        print(f"\n### {name}: {steps} decode steps (after a prefill)\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        spent = {"linears": 0.0, "lm_head": 0.0}
+        started = {}
+
+        def start(module, args):
+            started[module] = time.perf_counter()
+
+        def stop(module, args, output, part):
+            spent[part] += time.perf_counter() - started[module]
+
+        handles = []
+        for module_name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nxm.SparseLinear)):
+                part = "lm_head" if module_name == "lm_head" else "linears"
+                handles += [module.register_forward_pre_hook(start),
+                            module.register_forward_hook(functools.partial(stop, part=part))]
+        seconds, _ = decode(model, prompt, steps, after_prefill=lambda: spent.update(linears=0.0, lm_head=0.0))
+        for handle in handles:
+            handle.remove()
+        per_token, linears, head = (1000 * value / steps for value in (seconds, spent["linears"], spent["lm_head"]))
+        table.append(f"| {name} | {per_token:.1f} | {linears:.1f} | {head:.1f} | {per_token - linears - head:.1f} |")
+    for name, model in made.items():
+        if name.startswith("2:4"):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                decode(model, prompt, steps)
+            print(f"\n{name}: {steps} decode steps after a prefill, top operators by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
+    return table
 
 
 def main(argv=None) -> None:
@@ -179,12 +206,17 @@ def main(argv=None) -> None:
              "|---|---|---|---|---|---|---|"]
     if args.only in (None, "minilm"):
         table += minilm(args)
+    breakdown = []
     if args.only in (None, "smollm2"):
-        table += smollm2(args)
+        breakdown, decode_rows = smollm2(args)
+        table += decode_rows
     print(f"\n{torch.get_num_threads()} thread(s), {args.rounds} interleaved rounds, load average "
           f"{load:.1f} at start, {os.getloadavg()[0]:.1f} at end; torch {torch.__version__}, nxm-kernels "
           f"{nxm.__version__}\n")
     print("\n".join(table))
+    if breakdown:
+        print("\nSmolLM2, one decode step (hooks around each Linear):\n")
+        print("\n".join(breakdown))
 
 
 if __name__ == "__main__":
