@@ -203,14 +203,15 @@ def cmd_prune(args) -> int:
     options = {k: getattr(args, k) for k in ("iterations", "rho", "ramp", "damp") if getattr(args, k) is not None}
     try:
         report = prune(model, args.pattern, method=args.method, calibration=calibration, include=args.include,
-                       exclude=args.exclude, progress=False if args.quiet else _progress_bar, **options)
+                       exclude=args.exclude, progress=False if args.quiet else _progress_bar,
+                       weight_bits=args.bits, group_size=args.group_size, **options)
     except (TypeError, ValueError) as e:
         raise CommandError(str(e)) from None
     print(report)
     # Exactly the pruned layers become SparseLinear; the heads and skipped layers stay dense.
     converted = nxm_nn.sparsify(model, args.pattern, include=list(report.layers))
     info["pruned"] = {"method": args.method, "pattern": args.pattern, "samples": args.samples,
-                      "seq_len": args.seq_len, "options": options}
+                      "seq_len": args.seq_len, "options": options, "bits": args.bits, "group_size": args.group_size}
     checkpoint.save(model, args.output, info=info)
     size = os.path.getsize(args.output)
     print(f"converted {len(converted.converted)} layer(s); wrote {args.output} ({size:,} bytes)")
@@ -481,6 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", type=float, help="admm: penalty, relative to the unit scaled diagonal (default 1)")
     p.add_argument("--ramp", type=int, help="admm: iterations over which the mask is chosen (default 15)")
     p.add_argument("--damp", type=float, help="sparsegpt/admm: fraction of H's mean diagonal added to it")
+    p.add_argument("--bits", type=int, choices=(8, 4), help="end the kept weights on the int8 or int4 grid and "
+                   "store them so (sparsegpt and admm round jointly; default: the weight dtype)")
+    p.add_argument("--group-size", type=int, metavar="G", help="with --bits: one scale per G input features, a "
+                   "multiple of m, e.g. 128 (default: one per output row)")
     p.add_argument("-o", "--output", required=True, help="checkpoint to write, e.g. model.nxm.safetensors")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to prune and save in (default float32)")
     p.add_argument("--include", action="append", metavar="GLOB", help="only layers whose name matches (repeatable)")

@@ -378,3 +378,79 @@ def test_half_precision_layers_are_calibrated_in_fp32(method, dtype):
     magnitude = layer(dtype=dtype)
     baseline = prune(magnitude, "2:4", method="magnitude", calibration=calibration, progress=False)
     assert report.layers["0"].error < 0.5 * baseline.layers["0"].error  # calibration still pays
+
+
+GRIDS = [(4, None), (4, 16), (8, None), (8, 16)]
+
+
+@pytest.mark.parametrize("bits, group_size", GRIDS)
+@pytest.mark.parametrize("method", METHODS)
+def test_weight_bits_end_on_the_pattern_and_exactly_on_the_grid(method, bits, group_size):
+    model = layer()
+    calibration = correlated_inputs(256, 32, seed=8).split(64)
+    prune(model, "2:4", method=method, calibration=calibration, progress=False, weight_bits=bits,
+          group_size=group_size)
+    weight = model[0].weight.detach()
+    assert nxm.is_nm_sparse(weight, "2:4")
+    requantized = nxm.fake_quant(weight, "2:4", bits, group_size)
+    assert torch.equal(requantized.view(torch.int32), weight.view(torch.int32))  # bit for bit, signs of 0 too
+    assert model[0]._nxm_sparsity == {"pattern": "2:4", "by": method, "weight_bits": bits, "group_size": group_size,
+                                      "act_bits": None}
+
+
+def pruned_then_rounded(method, bits, group_size, calibration):
+    model = layer()
+    prune(model, "2:4", method=method, calibration=calibration, progress=False)
+    with torch.no_grad():
+        model[0].weight.copy_(nxm.fake_quant(model[0].weight.detach(), "2:4", bits, group_size))
+    return model
+
+
+@pytest.mark.parametrize("bits, group_size", GRIDS)
+def test_joint_quantization_beats_rounding_afterwards(bits, group_size):
+    calibration, held_out = correlated_inputs(1024, 32, seed=1).split(128), correlated_inputs(1024, 32, seed=2)
+    weight0 = layer()[0].weight.detach().clone()
+    errors = {}
+    with torch.no_grad():
+        for method in ("sparsegpt", "admm"):
+            joint = layer()
+            prune(joint, "2:4", method=method, calibration=calibration, progress=False, weight_bits=bits,
+                  group_size=group_size)
+            errors[method] = held_out_error(joint, weight0, held_out)
+        for method in ("magnitude", "sparsegpt", "admm"):
+            errors[f"{method} then rounded"] = held_out_error(
+                pruned_then_rounded(method, bits, group_size, calibration), weight0, held_out)
+    assert errors["admm"] <= errors["admm then rounded"], errors
+    assert errors["admm"] < 0.1 * errors["magnitude then rounded"], errors
+    if bits == 8:  # int8's rounding error is small: the pruning decides, and ADMM prunes best
+        assert errors["admm"] < errors["sparsegpt then rounded"], errors
+    else:  # int4's rounding error dominates: SparseGPT's joint sweep pays, and beats ADMM's
+        assert errors["sparsegpt"] < errors["sparsegpt then rounded"], errors
+
+
+def test_sparsify_stores_the_quantized_pruned_layers():
+    torch.manual_seed(0)
+    model = ToyModel()
+    prune(model, "2:4", method="sparsegpt", calibration=toy_batches(), progress=False, weight_bits=4, group_size=16)
+    pruned = {name: model.get_submodule(name).weight.detach().clone() for name in ("layers.0.up", "layers.1.down")}
+    ids = torch.randint(0, 32, (2, 8))
+    with torch.no_grad():
+        before = model(ids)
+        converted = nxm.sparsify(model)
+        after = model(ids)
+    assert len(converted.converted) == 4
+    for name, weight in pruned.items():
+        layer_ = model.get_submodule(name)
+        assert isinstance(layer_, nxm.SparseLinear) and str(layer_._encoding) == "int4-g16"
+        assert torch.equal(layer_.to_dense().weight, weight)  # the stored codes are exactly the pruned weights
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+
+
+def test_weight_bits_refusals():
+    calibration = [torch.randn(4, 32)]
+    with pytest.raises(ValueError, match="bits=3 is not supported"):
+        prune(layer(), "2:4", method="admm", calibration=calibration, weight_bits=3)
+    with pytest.raises(ValueError, match="group_size=6 must be a multiple of the pattern's block width 4"):
+        prune(layer(), "2:4", method="sparsegpt", calibration=calibration, weight_bits=4, group_size=6)
+    with pytest.raises(ValueError, match="give bits=8 or bits=4 with it"):
+        prune(layer(), "2:4", method="wanda", calibration=calibration, group_size=16)

@@ -24,7 +24,10 @@ import nxm_kernels as nxm
 from . import data
 from .model import checkpoint_bytes, generate, mean_by_type, perplexity, reconstruction_errors, serve_sparse
 
-METHODS = ("magnitude", "wanda", "sparsegpt", "admm")
+# Rows: a prune method, or a method with a quantization grid (prune's weight_bits/group_size).
+GRIDS = {"sparsegpt+int4g128": ("sparsegpt", {"weight_bits": 4, "group_size": 128}),
+         "admm+int4g128": ("admm", {"weight_bits": 4, "group_size": 128})}
+METHODS = ("magnitude", "wanda", "sparsegpt", "admm", *GRIDS)
 LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -164,10 +167,11 @@ def run(model: nn.Module, tokenizer, plays: dict[str, str], settings: Settings, 
             continue
         pruned = copy.deepcopy(model)
         options = settings.options.get(method, {})
+        base, grid = GRIDS.get(method, (method, {}))
         start, cpu_start = time.perf_counter(), time.process_time()
         try:
-            report = prune(pruned, settings.pattern, method=method,
-                           calibration=None if method == "magnitude" else batches, **options)
+            report = prune(pruned, settings.pattern, method=base,
+                           calibration=None if base == "magnitude" else batches, **grid, **options)
         except (ValueError, TypeError, NotImplementedError) as e:
             log(f"{method}: not run: {e}")
             continue

@@ -22,6 +22,15 @@ smallest are pruned, as many as the schedule says, so the last ramp iteration pr
 the mask ends exactly on the pattern. After the ramp the mask is fixed and the remaining
 iterations refit the kept weights to it.
 
+Quantization (``weight_bits``/``group_size``): after the iterations, with the mask fixed, the
+kept weights are rounded onto the grid by SparseGPT's sweep (GPTQ: each column's rounding error
+is absorbed by the kept weights of the columns not yet rounded). Rounding inside the Z-step
+instead (Z / d onto the grid in the original coordinates, then scaled back) was tried and not
+kept: on a 32->16 layer with correlated inputs at 2:4 int4, held-out relative error 0.14 against
+0.034 for rounding the ADMM result once, and it diverged with 40 iterations (1.2) or rho = 3 (5.0):
+with a fixed rho the dual collects the int4 rounding residuals and the iteration does not settle.
+At int8 both are level (0.0006 against 0.0005).
+
 Defaults (those of the paper's code, in scaled coordinates where diag H_s = 1):
 
 - ``damp=0.1``: 0.1 * mean(diag H_s) is added to H_s's diagonal (equivalently 10% of each H_jj
@@ -48,6 +57,8 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..encodings import from_bits
+from .sparsegpt import sparsegpt
 
 ITERATIONS = 20
 RAMP = 15
@@ -103,14 +114,19 @@ def admm(
     ramp: int = RAMP,
     damp: float = DAMP,
     mask: torch.Tensor | None = None,
+    weight_bits: int | None = None,
+    group_size: int | None = None,
 ) -> ADMMResult:
     """Prune ``weight`` [out, in] to ``pattern`` by layer-wise ADMM with ``hessian`` = X^T X.
 
     ``ramp=0``: the mask is chosen once, on the dense scaled weights (Wanda's mask), or given as
     ``mask`` (bool [out, in], on the pattern), and held fixed: the iterations then converge to the
-    least-squares fit of the kept weights.
+    least-squares fit of the kept weights. ``weight_bits`` (8 or 4), ``group_size``: the result
+    rounded onto that grid (see the module's notes).
     """
     _check_options(iterations, rho, ramp, damp, mask)
+    encoding = from_bits(weight_bits, group_size)
+    encoding.check(weight.dtype, weight.shape, pattern, None)
     columns = weight.shape[1]
     if hessian.shape != (columns, columns):
         raise ValueError(
@@ -132,6 +148,7 @@ def admm(
         if mask.shape != weight.shape or mask.dtype != torch.bool or not ops.is_nm_sparse(mask, pattern):
             raise ValueError(f"mask must be a bool tensor of the weight's shape {tuple(weight.shape)} on {pattern}")
         mask = mask.to(weight.device)
+
     w, u = w0, torch.zeros_like(w0)
     for t in range(iterations):
         v = w + u
@@ -146,4 +163,7 @@ def admm(
         w = torch.cholesky_solve((target + rho * (z - u)).T, factor).T
     z = (w + u) * mask
     primal = float((w - z).norm() / w.norm().clamp_min(1e-30))
-    return ADMMResult(z / norms, mask, primal)
+    weight = z / norms
+    if encoding.quantized:
+        weight = sparsegpt(weight, hessian, pattern, weight_bits=weight_bits, group_size=group_size, mask=mask)
+    return ADMMResult(weight, mask, primal)

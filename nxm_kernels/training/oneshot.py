@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..encodings import from_bits
 from ..pattern import PatternLike, as_pattern
+from ..plan import LayerConfig
 from ..selection import mark
 from .calibration import (
     HESSIAN, NORMS, BlockInputs, InputStats, capture_block_inputs, find_blocks, model_call, no_cache,
@@ -94,6 +96,8 @@ def prune(
     exclude: Selector = None,
     progress: bool | Callable[[int, int, str], None] = True,
     measure_error: bool = True,
+    weight_bits: int | None = None,
+    group_size: int | None = None,
     **options,
 ) -> PruneReport:
     """Prune the target ``nn.Linear`` layers of ``model`` in place to ``pattern``, in one shot.
@@ -115,6 +119,13 @@ def prune(
     callable ``(done, total, name)``. ``measure_error``: gather H for every method when
     calibration is given, to report each layer's relative reconstruction error (costs the H
     accumulation for magnitude and Wanda).
+
+    ``weight_bits=8`` or ``4`` (``group_size``: one scale per that many input features, else per
+    row): the pruned weights end on the int8/int4 grid, exactly representable
+    (``nxm.fake_quant(w, pattern, bits, group_size)`` returns them bit for bit), and the layers are
+    marked with the encoding, so ``nxm.sparsify(model)`` stores them quantized. SparseGPT and ADMM
+    quantize jointly (rounding inside the sweep / the Z-step); magnitude and Wanda prune, then
+    quantize.
     """
     pattern = as_pattern(pattern)
     if method not in METHODS:
@@ -126,6 +137,8 @@ def prune(
     if calibration is None and method != "magnitude":
         raise ValueError(f"method {method!r} needs calibration inputs: pass calibration=[batch, ...]")
     _check_pattern_kind(pattern, method)
+    config = LayerConfig.make(pattern, weight_bits, group_size)
+    from_bits(weight_bits, group_size).check(torch.float32, (1, pattern.block[1]), pattern, None)
 
     start = time.perf_counter()
     model = unwrap(model)
@@ -133,7 +146,7 @@ def prune(
     report = PruneReport(method, str(pattern), skipped=dict(skipped))
     say = _progress_printer(progress, len(targets), method)
     kind = HESSIAN if method in _NEEDS_HESSIAN or (measure_error and calibration is not None) else NORMS
-    prune_layers = _LayerPruner(method, pattern, options, kind, report, say)
+    prune_layers = _LayerPruner(method, config, options, kind, report, say)
 
     was_training = model.training
     model.eval()
@@ -193,8 +206,11 @@ def _stats_dtype(layers) -> torch.dtype:
 class _LayerPruner:
     """Prunes layers from their statistics, fills the report, marks the layers."""
 
-    def __init__(self, method, pattern, options, kind, report, say):
-        self.method, self.pattern, self.options, self.kind = method, pattern, options, kind
+    def __init__(self, method, config: LayerConfig, options, kind, report, say):
+        self.method, self.config, self.pattern, self.kind = method, config, config.pattern, kind
+        # SparseGPT and ADMM round inside their iterations; the grid options go to them.
+        quantized = {"weight_bits": config.weight_bits, "group_size": config.group_size}
+        self.options = {**options, **quantized} if config.quantized and method in _NEEDS_HESSIAN else options
         self.report, self.say = report, say
 
     def __call__(self, layers: dict[str, nn.Linear], stats: InputStats | None) -> None:
@@ -204,9 +220,12 @@ class _LayerPruner:
             hessian = stats.hessian(name) if stats is not None and self.kind == HESSIAN else None
             new, details = self._prune_weight(w0, name, stats, hessian)
             new = new.to(w0.dtype)
+            if self.config.quantized:
+                new = on_grid(new, self.config)
             error = None if hessian is None else relative_error(w0, new, hessian)
             layer.weight.copy_(new)
-            mark(layer, self.pattern, self.method)  # sparsify(model) then converts exactly these
+            # sparsify(model) then converts exactly these, with the encoding if quantized
+            mark(layer, self.config if self.config.quantized else self.pattern, self.method)
             self.report.layers[name] = LayerReport(
                 self.method, tuple(w0.shape), error, time.perf_counter() - start, details
             )
@@ -222,6 +241,23 @@ class _LayerPruner:
             return sparsegpt(w0, hessian, self.pattern, **self.options), {}
         result = admm(w0, hessian, self.pattern, **self.options)
         return result.weight, {"primal_residual": result.primal_residual}
+
+
+def on_grid(w: torch.Tensor, config: LayerConfig, passes: int = 3) -> torch.Tensor:
+    """``w`` (on the pattern) made exactly representable: ``fake_quant`` repeated to its fixed point.
+
+    One pass is usually a fixed point already. It is not when a group's largest kept value sits
+    below its grid's top (SparseGPT's later updates moved it, or ``w`` was never on a grid): the
+    pass regrids the group onto the smaller scale, half a step at most. And the rule's scale,
+    absmax / qmax rounded to fp32, can land one ulp off the scale the values were made with (or,
+    for half-precision weights, the dequantized values round): the next pass settles that.
+    """
+    for _ in range(passes):
+        quantized = ops.fake_quant(w, config.pattern, config.weight_bits, config.group_size)
+        if torch.equal(quantized, w):
+            return quantized
+        w = quantized
+    raise RuntimeError(f"fake_quant did not reach a fixed point in {passes} passes ({config})")
 
 
 def relative_error(w0: torch.Tensor, w: torch.Tensor, hessian: torch.Tensor) -> float:
