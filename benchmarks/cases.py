@@ -10,7 +10,7 @@ import torch
 
 import nxm_kernels as nxm
 from nxm_kernels import dispatch
-from nxm_kernels.formats import CUTLASS_PATTERN
+from nxm_kernels.layouts.cutlass import PATTERN as CUTLASS_PATTERN
 
 # (out_features, in_features) of linear layers, named after the models they come from.
 # BERT-base: hidden 768, FFN 3072. A 7-8B decoder (Llama-3-8B, Mistral-7B): hidden 4096, MLP

@@ -14,7 +14,7 @@ import torch
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
 import nxm_kernels as nxm
-from nxm_kernels.formats import check_layout
+from nxm_kernels.layouts import get_layout
 from nxm_kernels.pattern import as_pattern
 
 from . import cases, harness
@@ -52,7 +52,7 @@ def test_convert(benchmark, profile, case, backend):
         candidate = functools.partial(nxm.decompress, sw, backend=backend)
     elif op == "compress":
         try:
-            check_layout(dtype, shape, pattern, layout)
+            get_layout(layout).check(dtype, shape, pattern)
         except (ValueError, TypeError) as error:
             pytest.skip(str(error))
         cases.require_backend(backend, op, w=w, pattern=pattern, layout=layout, scores=None)
