@@ -87,8 +87,11 @@ def test_nxm_help_lists_gpu_check(capsys):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_target_uses_the_given_python_and_installs_nothing():
-    out = subprocess.run(["make", "-n", "gpu-check", "PYTHON=python3", "GPU_CHECK_ARGS=--out x"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+    # Run as CI does, from inside `make test`: the outer make's variables must not leak in
+    # ("make[1]: Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "PYTHON=python3", "GPU_CHECK_ARGS=--out x"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "python3 nxm_kernels/gpu_check --out x"
     assert ".venv" not in out and "pip" not in out and "torch" not in out
 
