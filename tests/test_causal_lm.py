@@ -104,6 +104,10 @@ def test_pipeline_end_to_end_on_a_tiny_llama(tmp_path):
         assert row["sparse_check"]["sparse_equals_masked_dense"] and row["sparse_check"]["layers_converted"] == 14
         assert isinstance(row["generation"], str) and row["generation"]
     assert stored["checkpoint"]["reload_bit_identical"] and stored["checkpoint"]["sparse"] < stored["checkpoint"]["dense"]
+    for method in ("sparsegpt+int4g128", "admm+int4g128"):  # their bytes differ: a checkpoint each
+        row = stored["rows"][method]
+        assert row["exact_pattern"] and row["sparse_check"]["sparse_equals_masked_dense"]
+        assert row["grid"] == {"weight_bits": 4, "group_size": 128} and row["checkpoint"]["reload_bit_identical"]
     # The experiment prunes copies: the dense model is untouched.
     assert all(torch.equal(v, dense_state[k]) for k, v in model.state_dict().items())
     assert "| sparsegpt |" in out.with_suffix(".md").read_text() and "| sparsegpt |" in markdown(stored)

@@ -69,6 +69,7 @@ def main(argv=None, default_out: Path | None = None, command: str | None = None)
     print(f"wall time {time.perf_counter() - start:.0f} s" + (f"; results in {args.out}" if args.out else ""))
     failed = [key for key, row in doc["rows"].items()
               if not row.get("exact_pattern", True) or not row.get("sparse_check", {}).get("sparse_equals_masked_dense", True)]
-    if failed or not doc.get("checkpoint", {}).get("reload_bit_identical", True):
+    checkpoints = [doc.get("checkpoint", {})] + [row.get("checkpoint", {}) for row in doc["rows"].values()]
+    if failed or not all(c.get("reload_bit_identical", True) for c in checkpoints):
         raise SystemExit(f"a check failed ({', '.join(failed) or 'checkpoint reload'}): see the JSON rows")
     return doc

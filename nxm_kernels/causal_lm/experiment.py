@@ -122,6 +122,10 @@ def markdown(doc: dict) -> str:
     if ckpt:
         lines += ["", f"Checkpoint bytes (nxm.save): dense {ckpt['dense']:,}, {s['pattern']} {ckpt['sparse']:,} "
                   f"({ckpt['ratio']:.1%}; embeddings and lm_head stay dense)."]
+    for key in METHODS:
+        if key in rows and "checkpoint" in rows[key]:
+            ckpt = rows[key]["checkpoint"]
+            lines.append(f"{key}: {ckpt['sparse']:,} ({ckpt['ratio']:.1%} of dense).")
     lines += ["", f"Command: `{doc.get('command', '')}`; torch threads {doc.get('threads')}."]
     return "\n".join(lines) + "\n"
 
@@ -200,7 +204,10 @@ def run(model: nn.Module, tokenizer, plays: dict[str, str], settings: Settings, 
             "generation": generate(sparse_model, tokenizer, settings.new_tokens),
             **info,
         }
-        if "checkpoint" not in results.doc:  # the same bytes for every method: measured once
+        # The bytes depend on the encoding only: measured once for the float rows, and in each grid row.
+        if grid:
+            row.update(grid=grid, checkpoint=checkpoint_bytes(sparse_model, model, check_window))
+        elif "checkpoint" not in results.doc:
             results.set("checkpoint", checkpoint_bytes(sparse_model, model, check_window))
         log(f"{method}: perplexity {value:.3f} (dense {results.doc['dense']:.3f}), pruning {prune_minutes:.1f} min, "
             f"sparse == masked dense: {check['sparse_equals_masked_dense']}")
