@@ -61,3 +61,23 @@ def assert_matmul_close(actual, x, w_dense, bias=None):
     allowed = 2 * (plain - truth).abs().max() + ulp
     err = (actual.double() - truth).abs().max()
     assert err <= allowed, f"max error {err:.3e} > allowed {allowed:.3e} for {x.dtype}"
+
+
+class TinyTransformerNames(torch.nn.Module):
+    """Names like a Transformer's: an embedding projection, blocks of Linears, a pooler and a head."""
+
+    def __init__(self, d=16, hidden=32, classes=4):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, d)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"up": torch.nn.Linear(d, hidden), "down": torch.nn.Linear(hidden, d)})
+            for _ in range(2)
+        )
+        self.pooler = torch.nn.Linear(d, d)
+        self.classifier = torch.nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = h + block["down"](torch.nn.functional.gelu(block["up"](h)))
+        return self.classifier(torch.tanh(self.pooler(h)))

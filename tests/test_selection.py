@@ -12,27 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 import nxm_kernels as nxm
+from conftest import TinyTransformerNames
 from nxm_kernels.selection import HEAD_NAMES, MARK, dense_by_default, select_layers
 from nxm_kernels.training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, select_linears
-
-
-class Tiny(nn.Module):
-    """Names like a Transformer's: an embedding projection, blocks of Linears, a pooler and a head."""
-
-    def __init__(self, d=16, hidden=32, classes=4):
-        super().__init__()
-        self.embed = nn.Linear(8, d)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"up": nn.Linear(d, hidden), "down": nn.Linear(hidden, d)}) for _ in range(2)
-        )
-        self.pooler = nn.Linear(d, d)
-        self.classifier = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.embed(x)
-        for block in self.blocks:
-            h = h + block["down"](F.gelu(block["up"](h)))
-        return self.classifier(torch.tanh(self.pooler(h)))
 
 
 BLOCK_LINEARS = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
@@ -40,7 +22,7 @@ BLOCK_LINEARS = ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"]
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return Tiny()
+    return TinyTransformerNames()
 
 
 def test_sparsify_and_every_sparsifier_share_the_defaults():

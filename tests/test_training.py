@@ -10,27 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import nxm_kernels as nxm
-from conftest import tiny_bert_config
+from conftest import TinyTransformerNames, tiny_bert_config
 from nxm_kernels.training import ADMMSparsifier, MagnitudePruner, SRSTESparsifier, geometric_rho
-
-
-class Tiny(nn.Module):
-    """Names like a Transformer's: an embedding, blocks of Linears, a pooler and a head."""
-
-    def __init__(self, d=16, hidden=32, classes=4):
-        super().__init__()
-        self.embed = nn.Linear(8, d)
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict({"up": nn.Linear(d, hidden), "down": nn.Linear(hidden, d)}) for _ in range(2)
-        )
-        self.pooler = nn.Linear(d, d)
-        self.classifier = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.embed(x)
-        for block in self.blocks:
-            h = h + block["down"](F.gelu(block["up"](h)))
-        return self.classifier(torch.tanh(self.pooler(h)))
 
 
 def _data(n=256, seed=0):
@@ -41,7 +22,7 @@ def _data(n=256, seed=0):
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return Tiny()
+    return TinyTransformerNames()
 
 
 def _assert_exact_nm(sparsifier, pattern="2:4"):
