@@ -361,3 +361,38 @@ def test_a_rerun_keeps_the_finished_rows_of_the_same_settings(tmp_path):
     )
     assert [(r["method"], r["acc"]) for r in results[:2]] == [("dense", 0.8), ("magnitude", 0.7)]
     assert [r["method"] for r in results[2:]] == ["wanda"]  # only the missing row ran
+
+
+def test_admm_retrain_srste_moves_masks_after_the_prune_and_ends_exact():
+    """admm[retrain=srste] (ADMM pattern pruning's recipe): the hard prune starts SR-STE retraining,
+    whose masks may still move, and the run ends with fixed masks, exactly N:M."""
+    protocol = _protocol()
+    protocol.dense_phase(0)
+    model, sparsifier, row = protocol.sparse_run("admm[retrain=srste]")
+    assert sparsifier.retrain == "srste" and sparsifier.finalized and not sparsifier.retraining
+    assert row["exact_nm"] is True and 0 <= row["mask_moved"] <= 1
+    for name, module in sparsifier.targets.items():
+        assert torch.equal(sparsifier.masks[name], module.weight != 0)
+    with pytest.raises(ValueError, match="retrain must be None .* or 'srste'"):
+        protocol.sparse_run("admm[retrain=sgd]")
+
+
+def test_block_pattern_runner_writes_one_resumable_row_per_kind_and_method(tmp_path):
+    """experiments/block_patterns.py --quick: a dense row per seed, then each (kind, method) with its
+    retention against dense and its agreement with magnitude; a rerun adds nothing."""
+    import block_patterns
+
+    argv = ["--quick", "--quiet", "--out", str(tmp_path), "--seeds", "0", "--kinds", "2:4t,library",
+            "--methods", "magnitude,admm+srste"]
+    block_patterns.main(argv)
+    record = json.loads((tmp_path / "block_patterns.json").read_text())
+    assert [(r["kind"], r["method"]) for r in record["rows"]] == [
+        ("dense", "dense"), ("2:4t", "magnitude"), ("2:4t", "admm+srste"), ("library", "magnitude"),
+        ("library", "admm+srste")]
+    dense = record["rows"][0]["accuracy"]
+    for row in record["rows"][1:]:
+        assert row["exact"] and row["retention"] == pytest.approx(row["accuracy"] / dense)
+        assert row["agreement"] == 1.0 if row["method"] == "magnitude" else 0 < row["agreement"] <= 1
+    assert "| library | admm+srste |" in (tmp_path / "block_patterns.md").read_text()
+    block_patterns.main(argv)  # every row is there: nothing runs again
+    assert len(json.loads((tmp_path / "block_patterns.json").read_text())["runs"]) == 5

@@ -192,7 +192,8 @@ def _one_shot_method(value: str) -> str:
 
 # Settings a method may override in ``method[key=value,...]``. ``sparse_epochs`` moves the hard
 # prune inside the same total budget (sparse + fine-tune epochs stay fixed); ``distill`` gives the
-# method distillation from the dense-phase model (give its baseline the same for a fair comparison).
+# method distillation from the dense-phase model (give its baseline the same for a fair comparison);
+# ``retrain=srste`` has ADMM retrain with SR-STE after its hard prune (ADMM pattern pruning's recipe).
 METHOD_KEYS = {
     "dense": {},
     "magnitude": {"distill": float},
@@ -207,6 +208,7 @@ METHOD_KEYS = {
         "sparse_epochs": float,
         "distill": float,
         "init": _one_shot_method,
+        "retrain": str,
     },
 }
 
@@ -260,6 +262,7 @@ def make_sparsifier(method, model, cfg: Config, steps, calibration=()):
         penalty=admm["penalty"],
         init=init,
         calibration=calibration if init not in (None, "magnitude") else None,
+        retrain=overrides.get("retrain"),
         **quantization(cfg),
     )
 
@@ -450,8 +453,11 @@ class Protocol:
                 row["acc_before_prune"] = self.accuracy(model)
             sparsifier.finalize()
             row["acc_at_prune"] = self.accuracy(model)
-            row["mask_moved"] = mask_moved(dense_masks, sparsifier.masks)
         phase(d_steps + s_steps, f_steps, "fine-tune")
+        if getattr(sparsifier, "retraining", False):  # admm[retrain=srste]: its masks moved until now
+            sparsifier.finalize()
+        if sparsifier is not None:
+            row["mask_moved"] = mask_moved(dense_masks, sparsifier.masks)
         row["acc"] = self.accuracy(model)
         row["exact_nm"] = None if sparsifier is None else nm_exact(sparsifier)
         row["seconds"] = round(time.perf_counter() - start + self.dense_seconds, 1)
