@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import kernels
+from .kernels import output_tile, store_output_tile
 
 
 @triton.jit
@@ -75,17 +76,7 @@ def _sparse_mm_block_kernel(
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped program order: GROUP_M row-blocks share each column-block of W while it is in L2
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    first_m = pid // (GROUP_M * blocks_n) * GROUP_M
-    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_rows
-    pid_n = (pid % (GROUP_M * blocks_n)) // group_rows
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -97,10 +88,7 @@ def _sparse_mm_block_kernel(
         if UPCAST:  # exact: a bf16 x bf16 product fits in fp32
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    store_output_tile(acc, bias_ptr, y_ptr, rm, rn, M, N, HAS_BIAS)
 
 
 def _configs_for_call(configs, named_args, **kwargs):

@@ -320,6 +320,29 @@ def _w_tile_by_element(values_ptr, meta_ptr, rn, k, N, K, row_bytes, stride_vn,
 
 
 @triton.jit
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Rows and columns of this program's ``[BLOCK_M, BLOCK_N]`` output tile, in grouped program
+    order: GROUP_M row-blocks share each column-block of W while it is in L2."""
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    first_m = pid // (GROUP_M * blocks_n) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_rows
+    pid_n = (pid % (GROUP_M * blocks_n)) // group_rows
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def store_output_tile(acc, bias_ptr, y_ptr, rm, rn, M, N, HAS_BIAS: tl.constexpr):
+    """``y[rm, rn] = acc (+ bias[rn])`` in y's dtype, for a contiguous ``y [M, N]``."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
 def _sparse_mm_kernel(
     # pointers: x [M, K], kept values [N, K*n/m], packed metadata [N, row_bytes], bias [N], y [M, N]
     x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr,
@@ -332,17 +355,7 @@ def _sparse_mm_kernel(
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # grouped program order: GROUP_M row-blocks share each column-block of W while it is in L2
-    pid = tl.program_id(0)
-    blocks_m = tl.cdiv(M, BLOCK_M)
-    blocks_n = tl.cdiv(N, BLOCK_N)
-    first_m = pid // (GROUP_M * blocks_n) * GROUP_M
-    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_rows
-    pid_n = (pid % (GROUP_M * blocks_n)) // group_rows
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -358,10 +371,7 @@ def _sparse_mm_kernel(
         if UPCAST:  # exact: a bf16 x bf16 product fits in fp32
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+    store_output_tile(acc, bias_ptr, y_ptr, rm, rn, M, N, HAS_BIAS)
 
 
 # Small M (decoding: batch x tokens <= 64) streams W under a thin M tile; narrow N tiles give
