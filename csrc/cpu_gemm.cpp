@@ -3,6 +3,8 @@
 // rows with at::parallel_for (torch.set_num_threads applies). Specification: reference.sparse_mm.
 //
 // Kernels (chosen at run time, never by -march at build time):
+//   amx       bf16 2:4 at M > 8 in cpu_gemm_bf16_amx.cpp (AMX-BF16 tiles, AVX-512 VBMI2), the rest
+//             as avx512
 //   avx512    2:4 in cpu_gemm_avx512.cpp (AVX-512 F/BW/VL)
 //   avx2      2:4 in cpu_gemm_avx2.cpp (AVX2, FMA, F16C)
 //   portable  every n:m here, plain C++: the fallback, and the path of patterns other than 2:4.
@@ -18,6 +20,14 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "cpu_gemm.h"
 #include "op_common.h"
 
@@ -31,14 +41,30 @@ namespace {
 #define NXM_X86_KERNELS 0
 #endif
 
-enum class Isa { kPortable, kAvx2, kAvx512 };
+enum class Isa { kPortable, kAvx2, kAvx512, kAmx };
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAmx: return "amx";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "portable";
   }
+}
+
+// AMX-TILE, AMX-BF16 and AVX-512 VBMI2 (CPUID leaf 7), and Linux's permission to use the tile state,
+// which a process must request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; it fails on
+// kernels before 5.16 or where the OS does not enable AMX).
+bool amx_usable() {
+#if NXM_X86_KERNELS && defined(__linux__)
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool vbmi2 = ecx >> 6 & 1, amx_bf16 = edx >> 22 & 1, amx_tile = edx >> 24 & 1;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return vbmi2 && amx_bf16 && amx_tile && syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
 }
 
 // The best kernel this CPU (and its OS: libgcc checks XGETBV) runs.
@@ -47,7 +73,7 @@ Isa best_isa() {
 #if NXM_X86_KERNELS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-      return Isa::kAvx512;
+      return amx_usable() ? Isa::kAmx : Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
       return Isa::kAvx2;
 #endif
@@ -63,13 +89,13 @@ Isa requested_isa() {
   const char* env = std::getenv("NXM_CPU_ISA");
   const std::string name = env ? env : "";
   if (name.empty() || name == "auto") return best;
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
     if (name != isa_name(isa)) continue;
     TORCH_CHECK(isa <= best, "nxm::sparse_mm_packed: NXM_CPU_ISA=", name, " needs CPU features this CPU lacks (it runs ",
                 "up to ", isa_name(best), "): unset NXM_CPU_ISA or choose a lower one");
     return isa;
   }
-  TORCH_CHECK(false, "nxm::sparse_mm_packed: unknown NXM_CPU_ISA=", name, ": choose auto, avx512, avx2 or portable");
+  TORCH_CHECK(false, "nxm::sparse_mm_packed: unknown NXM_CPU_ISA=", name, ": choose auto, amx, avx512, avx2 or portable");
 }
 
 cpu_gemm::Dtype gemm_dtype(at::ScalarType t) {
@@ -148,6 +174,17 @@ void run_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t 
   }
 }
 
+// Rows of x from which bf16 2:4 runs on AMX tiles: below, the AVX-512 kernel streams the weight
+// with few permutes per weight byte, and tiles of 16 tokens would be mostly padding.
+constexpr int64_t kAmxMinRows = 9;
+
+// Tasks of at least ~64K multiply-adds each, so that the thread hand-off stays small against the
+// work of a small layer; `unit` rows of the weight per block.
+int64_t grain_blocks(int64_t rows, int64_t cols, int64_t n, int64_t m, int64_t unit) {
+  const int64_t work_per_block = std::max<int64_t>(1, rows * cols / m * n * unit);
+  return std::max<int64_t>(1, (int64_t(1) << 16) / work_per_block);
+}
+
 // The GEMM of checked operands: values of x's dtype (code_bits 0) or codes with fp32 scales.
 at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& metadata,
                     const std::optional<at::Tensor>& bias, int64_t n, int64_t m, int code_bits,
@@ -161,9 +198,12 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
                 ": bias must be ", t, " [", out_features, "], got ", bias->scalar_type(), " ", bias->sizes());
   }
   const Isa isa = requested_isa();
+  const bool amx = NXM_X86_KERNELS && isa == Isa::kAmx && t == at::kBFloat16 && code_bits == 0 && n == 2 && m == 4 &&
+                   rows >= kAmxMinRows;
 
   // x in fp32 with unit column stride: the kernels read it many times, the conversion costs one pass.
-  const bool x_usable = t == at::kFloat && (x.stride(1) == 1 || cols <= 1);
+  // (The AMX kernel packs the bf16 x into tiles instead.)
+  const bool x_usable = amx || (t == at::kFloat && (x.stride(1) == 1 || cols <= 1));
   const at::Tensor x32 = x_usable ? x : at::empty({rows, cols}, x.options().dtype(at::kFloat)).copy_(x);
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor v = values.contiguous(), meta = metadata.contiguous();
@@ -171,7 +211,7 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0 || out_features == 0) return y;
 
-  cpu_gemm::Args args{x32.const_data_ptr<float>(), x32.stride(0), rows, cols, v.const_data_ptr(),
+  cpu_gemm::Args args{amx ? nullptr : x32.const_data_ptr<float>(), x32.stride(0), rows, cols, v.const_data_ptr(),
                       meta.const_data_ptr<uint8_t>(), meta.size(1), dtype,
                       bias ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), y.stride(0)};
   if (code_bits) {
@@ -180,20 +220,38 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
     args.scale_stride = sc.size(1);
     args.group_size = group_size;
   }
+#if NXM_X86_KERNELS
+  if (amx) {
+    // x packed into B tiles once (threads over token blocks), then threads over 32-row weight blocks,
+    // each expanding its weight into its own scratch.
+    const at::Tensor xb = x.stride(1) == 1 || cols <= 1 ? x : x.contiguous();
+    const int64_t steps = (cols + 31) / 32, token_blocks = (rows + 15) / 16;
+    at::Tensor panel = at::empty({token_blocks * steps * 512}, x.options());
+    at::Tensor scratch = at::empty({at::get_num_threads(), steps * 1024}, x.options());
+    const auto* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
+    auto* pp = reinterpret_cast<uint16_t*>(panel.mutable_data_ptr<at::BFloat16>());
+    auto* sp = reinterpret_cast<uint16_t*>(scratch.mutable_data_ptr<at::BFloat16>());
+    at::parallel_for(0, token_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block) cpu_gemm::pack_x_bf16_amx(xp, xb.stride(0), rows, cols, block, pp);
+    });
+    at::parallel_for(0, (out_features + 31) / 32, grain_blocks(rows, cols, n, m, 32), [&](int64_t begin, int64_t end) {
+      cpu_gemm::gemm_2of4_bf16_amx(args, pp, sp + at::get_thread_num() * steps * 1024, 32 * begin,
+                                   std::min(32 * end, out_features));
+    });
+    return y;
+  }
+#endif
   // The SIMD kernels read codes on AVX-512, with whole 32-column steps per scale group.
-  const bool simd_codes = code_bits == 0 || (isa == Isa::kAvx512 && group_size % 32 == 0);
+  const bool simd_codes = code_bits == 0 || (isa >= Isa::kAvx512 && group_size % 32 == 0);
   auto kernel = [&](int64_t begin, int64_t end) {
 #if NXM_X86_KERNELS
-    if (n == 2 && m == 4 && simd_codes && isa == Isa::kAvx512) return cpu_gemm::gemm_2of4_avx512(args, begin, end);
+    if (n == 2 && m == 4 && simd_codes && isa >= Isa::kAvx512) return cpu_gemm::gemm_2of4_avx512(args, begin, end);
     if (n == 2 && m == 4 && code_bits == 0 && isa == Isa::kAvx2) return cpu_gemm::gemm_2of4_avx2(args, begin, end);
 #endif
     run_portable(args, int(n), int(m), begin, end);
   };
-  // Tasks of whole 4-row blocks (the SIMD kernels' unit) and at least ~64K multiply-adds each, so
-  // that the thread hand-off stays small against the work of a small layer.
-  const int64_t work_per_row = std::max<int64_t>(1, rows * cols / m * n);
-  const int64_t grain_rows = (std::max<int64_t>(1, (int64_t(1) << 16) / work_per_row) + 3) / 4 * 4;
-  at::parallel_for(0, out_features, grain_rows, [&](int64_t begin, int64_t end) {
+  // Tasks of whole 4-row blocks (the SIMD kernels' unit).
+  at::parallel_for(0, out_features, 4 * grain_blocks(rows, cols, n, m, 4), [&](int64_t begin, int64_t end) {
     // parallel_for splits anywhere: round the split points to 4-row blocks.
     const int64_t b = begin == 0 ? 0 : (begin + 3) / 4 * 4, e = end == out_features ? end : (end + 3) / 4 * 4;
     if (b < e) kernel(b, std::min(e, out_features));
