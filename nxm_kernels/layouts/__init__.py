@@ -1,7 +1,8 @@
 """Layouts: how a compressed N:M weight sits in memory, one module per layout.
 
 ``packed`` (any n:m), ``cutlass`` (Sparse Tensor Cores), ``cusparselt`` (cuSPARSELt's opaque
-buffer, made on a GPU) and ``block`` (k-of-RxC blocks and mask libraries). Each is a :class:`Layout` object registered by name; the API takes
+buffer, made on a GPU), ``block`` (k-of-RxC blocks and mask libraries) and ``tiled_q`` (int8/int4
+2:4 codes in tiles for the Triton decode GEMM). Each is a :class:`Layout` object registered by name; the API takes
 ``layout="cutlass"`` and resolves it once with :func:`get_layout`. A new layout is one module that
 subclasses :class:`Layout`, plus ``register_layout(MyLayout())``.
 """
@@ -13,6 +14,7 @@ from .packed import PACKED
 from .cutlass import CUTLASS
 from .cusparselt import CUSPARSELT
 from .block import BLOCK
+from .tiled_q import TILED_Q
 
 __all__ = [
     "BLOCK",
@@ -22,6 +24,7 @@ __all__ = [
     "Layout",
     "NMSparseWeight",
     "PACKED",
+    "TILED_Q",
     "TensorSpec",
     "get_layout",
     "layout_names",
