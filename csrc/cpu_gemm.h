@@ -51,5 +51,34 @@ void pack_x_bf16_amx(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_
                      uint16_t* panel);
 void gemm_2of4_bf16_amx(const Args& args, const uint16_t* panel, uint16_t* scratch, int64_t begin, int64_t end);
 
+// W8A8 (csrc/cpu_gemm_w8a8*.cpp; specification reference.sparse_mm_int): x quantized per row to
+// int8 codes, kept as code + 128 (uint8, for vpdpbusd's unsigned operand), times int8 or int4 codes.
+constexpr int64_t kW8A8Step = 128;  // columns of x per step of the AVX-512 kernel; xq rows are padded to it
+
+struct W8A8Args {
+  const uint8_t* xq;      // [m_rows, xq_stride]: codes + 128; columns k .. xq_stride - 1 hold 128 (code 0)
+  int64_t xq_stride;      // a multiple of kW8A8Step
+  const float* x_scales;  // [m_rows]
+  int64_t m_rows;
+  int64_t k;              // in_features, a multiple of 4
+  const void* values;     // int8 codes [out_features, k / 2] (code_bits 8), or int4 two per byte (4)
+  int code_bits;
+  const uint8_t* meta;    // [out_features, meta_stride]: the packed layout's 2-bit kept indices
+  int64_t meta_stride;
+  const float* scales;    // fp32 [out_features, scale_stride]: per row (group_size 0) or group
+  int64_t scale_stride;
+  int64_t group_size;
+  const float* bias;      // [out_features] in fp32, or nullptr
+  float* y;               // [m_rows, y_stride] in fp32: the result before its rounding to x's dtype
+  int64_t y_stride;
+};
+
+// Rows [begin, end) of x (fp32, row stride x_stride) -> their codes + 128 and scales, exactly as
+// reference.quantize_activations. AVX-512 F/BW/VL/VNNI/VBMI.
+void quantize_rows_avx512(const float* x, int64_t x_stride, int64_t k, int64_t begin, int64_t end, uint8_t* xq,
+                          int64_t xq_stride, float* x_scales);
+// y[:, begin:end] of a 2:4 weight with group_size 0 or a multiple of 64: AVX-512 VNNI + VBMI.
+void gemm_2of4_w8a8_avx512(const W8A8Args& args, int64_t begin, int64_t end);
+
 }  // namespace cpu_gemm
 }  // namespace nxm

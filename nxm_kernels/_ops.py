@@ -46,6 +46,10 @@ NXM_SCHEMAS = {
     # in the packed layout with fp32 scales [N, groups] (group_size 0: one per row): W8A16 / W4A16
     "sparse_mm_packed_q": ("(Tensor x, Tensor values, Tensor metadata, Tensor scales, Tensor? bias, int n, int m, "
                            "int bits, int group_size) -> Tensor"),
+    # W8A8: x [M, K] (float) quantized per row to int8 (reference.quantize_activations), integer dot
+    # products with the codes (as sparse_mm_packed_q's), then both scales (reference.sparse_mm_int)
+    "sparse_mm_packed_w8a8": ("(Tensor x, Tensor values, Tensor metadata, Tensor scales, Tensor? bias, int n, int m, "
+                              "int bits, int group_size) -> Tensor"),
     # cuSPARSELt (csrc/cuda/cusparselt.cpp)
     "cusparselt_version": "() -> int",
     "cusparselt_plan_cache_size": "() -> int",
@@ -167,6 +171,7 @@ KERNEL_FAKES = {
 }
 NXM_FAKES = {
     "sparse_mm_packed_q": _sparse_mm_packed_q_fake,
+    "sparse_mm_packed_w8a8": _sparse_mm_packed_q_fake,
     "cusparselt_compress": _cusparselt_compress_fake,
     "cusparselt_mm": _cusparselt_mm_fake,
     "sparse_mm": _sparse_mm_fake,

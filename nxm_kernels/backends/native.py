@@ -42,11 +42,12 @@ class NativeBackend(Backend):
         "compress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         "decompress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         # csrc/cpu_gemm*.cpp: SIMD kernels (AVX-512, AVX2) for 2:4, a portable one for every n:m;
-        # int8/int4 codes dequantized inside (W8A16/W4A16; SIMD on AVX-512).
+        # int8/int4 codes dequantized inside (W8A16/W4A16; SIMD on AVX-512), or multiplied with x quantized
+        # per token (act_bits=8, W8A8: csrc/cpu_gemm_w8a8*.cpp, VNNI on AVX-512; bit for bit the reference's).
         # csrc/cpu_block_gemm.cpp: the block layout (k-of-RxC bitmaps, mask-library numbers).
         "sparse_mm": Support(
             layouts=("packed", "block"), dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
-            encodings=("float", "int8", "int4"), kinds=("row", "block", "library"),
+            encodings=("float", "int8", "int4"), act_bits=(None, 8), kinds=("row", "block", "library"),
             advice="the native GEMM reads layouts 'packed' and 'block' on CPU and multiplies float types (int8/int4 "
                    "weights with float activations, packed only): use another backend for the rest",
         ),
@@ -93,11 +94,14 @@ class NativeBackend(Backend):
         _, decompress = (CUPY_KERNELS if _through_cupy(sw.values) else KERNELS)[sw.layout.name]
         return decompress(sw.values, sw.metadata, sw.shape, sw.pattern)
 
-    def sparse_mm(self, x, sw, bias):
+    def sparse_mm(self, x, sw, bias, act_bits=None):
         if sw.layout == BLOCK:
             masks, rows, cols, kept = block_gemm_args(sw)
             return torch.ops.nxm.sparse_mm_block(x, sw.values, sw.metadata, masks, bias, rows, cols, kept)
         n, m, encoding = sw.pattern.n, sw.pattern.m, sw.encoding
+        if act_bits is not None:  # (the op surface allows it for quantized weights only)
+            return torch.ops.nxm.sparse_mm_packed_w8a8(x, sw.values, sw.metadata, sw.scales, bias, n, m,
+                                                       encoding.bits, encoding.group_size or 0)
         if encoding.quantized:
             return torch.ops.nxm.sparse_mm_packed_q(x, sw.values, sw.metadata, sw.scales, bias, n, m, encoding.bits,
                                                     encoding.group_size or 0)
