@@ -9,7 +9,7 @@ from conftest import FLOAT_DTYPES, assert_matmul_close, tiny_bert_config
 from torch import nn
 
 import nxm_kernels as nxm
-from nxm_kernels import dispatch
+from nxm_kernels import _extension, dispatch
 from nxm_kernels.backends.reference import ReferenceBackend
 from nxm_kernels.cli import DemoTransformer
 from nxm_kernels.nn import SparseLinear, default_layout, padded_shape, sparse_linear, sparse_linear_grad_input
@@ -38,7 +38,7 @@ def integer_input(shape, dtype, seed=1):
 
 def masked_linear(linear, pattern, scores=None):
     """nn.Linear with the projected weight: pad in_features to whole groups, project, crop."""
-    m = nxm.Pattern.parse(pattern).m
+    m = nxm.Pattern(*map(int, pattern.split(":"))).m
     pad = -linear.in_features % m
     w = F.pad(linear.weight.detach(), (0, pad))
     if scores is not None:
@@ -94,6 +94,22 @@ def test_layout_rule():
     assert default_layout(torch.float16, nxm.Pattern(2, 8), 64, 128) == "packed"
     assert default_layout(torch.float16, nxm.Pattern(2, 4), 10, 128) == "packed"  # would need padding
     assert padded_shape(10, 30, nxm.Pattern(2, 4), "packed", torch.float16) == (10, 32)
+    # On CPU the native GEMM reads packed (block for block kinds), never cutlass.
+    for dtype, pattern in ((torch.float16, "2:4"), (torch.bfloat16, "2:4"), (torch.float32, "1:2")):
+        assert default_layout(dtype, nxm.Pattern(*map(int, pattern.split(":"))), 64, 128, "cpu") == "packed"
+        assert default_layout(dtype, nxm.Pattern(*map(int, pattern.split(":"))), 64, 128, torch.device("cuda")) == "cutlass"
+
+
+@pytest.mark.skipif(_extension.unavailable_reason() is not None, reason="no usable _C")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_layer_built_on_cpu_runs_on_the_native_gemm(dtype):
+    linear = nn.Linear(128, 64).to(dtype)
+    sparse = SparseLinear.from_dense(linear, "2:4")
+    assert sparse.layout == "packed"
+    x = torch.randn(3, 128, dtype=dtype)
+    inputs = {"x": x, "sw": sparse.weight_sparse, "bias": sparse.bias}
+    assert dispatch.select("sparse_mm", None, inputs).name == "native"
+    assert torch.equal(sparse(x), nxm.sparse_mm(x, sparse.weight_sparse, sparse.bias, backend="native"))
     assert padded_shape(10, 30, nxm.Pattern(2, 4), "cutlass", torch.float16)[0] == 32
 
 
@@ -157,8 +173,7 @@ def test_bad_inputs_say_what_to_do():
 def test_dtype_conversion_reencodes_when_the_layout_cannot_hold_it():
     linear = integer_linear(64, 32, torch.float32)
     expected = masked_linear(linear, "1:2").weight.detach()
-    sparse = SparseLinear.from_dense(linear, "1:2")
-    assert sparse.layout == "cutlass"
+    sparse = SparseLinear.from_dense(linear, "1:2", layout="cutlass")
     assert sparse.half() is sparse  # in place, like nn.Module
     assert (sparse.layout, sparse.values.dtype, sparse.metadata.dtype, str(sparse.pattern)) == (
         "packed",
@@ -171,7 +186,7 @@ def test_dtype_conversion_reencodes_when_the_layout_cannot_hold_it():
     sparse.float()
     assert torch.equal(sparse.to_dense().weight, expected)
 
-    half = SparseLinear.from_dense(integer_linear(64, 32, torch.float16), "2:4")
+    half = SparseLinear.from_dense(integer_linear(64, 32, torch.float16), "2:4", layout="cutlass")
     metadata = half.metadata.clone()
     half.to(torch.bfloat16)  # same cutlass metadata for fp16 and bf16
     assert half.layout == "cutlass" and torch.equal(half.metadata, metadata)
@@ -337,6 +352,8 @@ class _PackedOnly(ReferenceBackend):
 def test_layout_follows_an_explicit_backend(monkeypatch):
     backends = (_PackedOnly(),) + dispatch.registered_backends()
     monkeypatch.setattr(dispatch, "registered_backends", lambda: backends)
+    # The default order of a device where cutlass comes first (on CPU packed does already).
+    monkeypatch.setattr(nxm.nn.policy, "DEFAULT_LAYOUTS", {})
     linear = integer_linear(64, 32, torch.float16)
     assert SparseLinear.from_dense(linear, backend="packed-only").layout == "packed"
     assert SparseLinear.from_dense(linear, backend="reference").layout == "cutlass"

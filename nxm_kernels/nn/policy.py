@@ -13,9 +13,14 @@ from ..layouts.base import round_up as _round_up
 from ..pattern import Pattern
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The layouts default_layout tries, in order: the Sparse Tensor Core layout where it fits as is,
-# else packed (which holds any n:m), else block (k-of-RxC blocks and libraries).
-DEFAULT_LAYOUTS = (CUTLASS, PACKED, BLOCK)
+# The layouts that hold any n:m (packed) or block kind (block), whatever the shape.
+GENERAL_LAYOUTS = (PACKED, BLOCK)
+# The layouts default_layout tries, in order, by device type. On CPU the native GEMM reads the
+# general ones (cutlass only the reference does). Elsewhere the Sparse Tensor Core layout first where
+# it fits as is (on a GPU cuSPARSELt's buffer is made from any stored layout, see
+# SparseLinear.backend_form), then the general ones.
+DEFAULT_LAYOUTS = {"cpu": GENERAL_LAYOUTS}
+DEFAULT_LAYOUTS_ELSEWHERE = (CUTLASS, *GENERAL_LAYOUTS)
 
 
 def stored_layouts() -> tuple[Layout, ...]:
@@ -32,18 +37,22 @@ def derived_layouts() -> tuple[Layout, ...]:
 STORED_LAYOUTS = tuple(layout.name for layout in stored_layouts())
 
 
-def default_layout(dtype: torch.dtype, pattern: Pattern, out_features: int, in_features: int) -> str:
-    """The layout ``SparseLinear`` picks when none is given.
+def default_layout(dtype: torch.dtype, pattern: Pattern, out_features: int, in_features: int,
+                   device: torch.device | str | None = None) -> str:
+    """The layout ``SparseLinear`` picks when none is given, for a layer on ``device`` (None: a GPU's
+    choice).
 
+    On CPU ``packed`` (``block`` for block kinds): what the native CPU GEMM reads. Elsewhere
     ``cutlass`` (the Sparse Tensor Core layout) when it holds this dtype and pattern (2:4 for
     fp16/bf16, 1:2 for fp32) and the shape already fits its multiples, so no padding is spent
     just to reach it; otherwise ``packed``.
     """
-    for layout in DEFAULT_LAYOUTS:
+    device_type = None if device is None else torch.device(device).type
+    for layout in DEFAULT_LAYOUTS.get(device_type, DEFAULT_LAYOUTS_ELSEWHERE):
         if not layout.not_supported_reasons(dtype, (out_features, in_features), pattern):
             return layout.name
     # A shape that needs padding: the first general layout that holds the pattern's kind.
-    return next(layout.name for layout in DEFAULT_LAYOUTS[1:] if not layout.kind_reasons(pattern))
+    return next(layout.name for layout in GENERAL_LAYOUTS if not layout.kind_reasons(pattern))
 
 
 def padded_shape(out_features: int, in_features: int, pattern: Pattern, layout: str | Layout, dtype: torch.dtype):
@@ -96,7 +105,7 @@ def _compress_layer(w: torch.Tensor, pattern: Pattern, layout: str | None, score
         return ops.compress(_pad(w, shape, 0), pattern, candidate, scores=padded_scores, bits=bits,
                             group_size=group_size)
 
-    sw = compress(layout or (PACKED if bits else default_layout(w.dtype, pattern, out_features, in_features)))
+    sw = compress(layout or (PACKED if bits else default_layout(w.dtype, pattern, out_features, in_features, w.device)))
     if layout is not None or backend == "auto" or sw.layout is PACKED:
         return sw
     chosen = dispatch.get_backend(backend)
