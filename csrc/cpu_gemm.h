@@ -82,3 +82,27 @@ void gemm_2of4_w8a8_avx512(const W8A8Args& args, int64_t begin, int64_t end);
 
 }  // namespace cpu_gemm
 }  // namespace nxm
+
+// The exact 2:4t selection (csrc/cpu_transposable.cpp), whose SIMD kernel shares the ISA files' rules.
+namespace nxm {
+namespace cpu_transposable {
+
+enum class Elem : int { kNone, kFloat16, kBFloat16, kFloat32, kFloat64, kInt8 };
+
+struct Args {
+  const void* w;        // [rows, cols] contiguous, rows and cols multiples of 4
+  Elem w_type;
+  const void* scores;   // float32/float64 of w's shape, or nullptr (score_type kNone): |w|
+  Elem score_type;
+  int64_t cols;
+  void* out;            // bool mask, or (project) w with the dropped entries +0, of w's type
+  bool project;
+};
+
+// Block row `block_row` (rows 4 * block_row .. + 3): writes `out` for every block and returns how
+// many blocks it could not settle exactly (their output is to be rewritten), listing their block
+// columns in `left` (room for cols / 4). AVX-512 F/DQ/BW/VL.
+int64_t select_2of4t_avx512(const Args& args, int64_t block_row, int64_t* left);
+
+}  // namespace cpu_transposable
+}  // namespace nxm

@@ -42,6 +42,9 @@ KERNEL_SCHEMAS = {
 NXM_SCHEMAS = {
     # the instruction set the CPU GEMM (csrc/cpu_gemm.cpp) runs here: "avx512", "avx2" or "portable"
     "cpu_isa": "() -> str",
+    # the exact 2:4t selection (patterns/transposable.py) of w [..., rows, cols] (multiples of 4): its bool
+    # mask, or with project w with the dropped entries +0; scores as for nm_mask
+    "select_2of4t": "(Tensor w, Tensor? scores, bool project) -> Tensor",
     # x [M, K] (float) @ W.T (+ bias) for W [N, K] as int8 (bits 8) or int4 (bits 4, two per byte) codes
     # in the packed layout with fp32 scales [N, groups] (group_size 0: one per row): W8A16 / W4A16
     "sparse_mm_packed_q": ("(Tensor x, Tensor values, Tensor metadata, Tensor scales, Tensor? bias, int n, int m, "
@@ -129,6 +132,10 @@ def _sparse_mm_packed_q_fake(x, values, metadata, scales, bias, n, m, bits, grou
     return x.new_empty((x.shape[0], values.shape[0]))
 
 
+def _select_2of4t_fake(w, scores, project):
+    return w.new_empty(w.shape) if project else w.new_empty(w.shape, dtype=torch.bool)
+
+
 def _cusparselt_compress_fake(dense):
     return dense.new_empty(torch.library.get_ctx().new_dynamic_size())
 
@@ -171,6 +178,7 @@ KERNEL_FAKES = {
 }
 NXM_FAKES = {
     "sparse_mm_packed_q": _sparse_mm_packed_q_fake,
+    "select_2of4t": _select_2of4t_fake,
     "sparse_mm_packed_w8a8": _sparse_mm_packed_q_fake,
     "cusparselt_compress": _cusparselt_compress_fake,
     "cusparselt_mm": _cusparselt_mm_fake,

@@ -77,7 +77,9 @@ def python_op_cases():
     xl = torch.randn(3, 30).half().requires_grad_()
     qw = nxm.compress(w, "2:4", bits=4, group_size=32, backend="reference")  # int4 codes, fp32 scales
     quantized = [("nxm::sparse_mm_packed_q", (x[0].detach(), qw.values, qw.metadata, qw.scales, bias, 2, 4, 4, 32))]
-    return (quantized if _extension.unavailable_reason() is None else []) + [
+    selections = [("nxm::select_2of4t", (w, None, False)),  # 2:4t (csrc/cpu_transposable.cpp)
+                  ("nxm::select_2of4t", (w.float(), w.double().square(), True))]
+    return (quantized + selections if _extension.unavailable_reason() is None else []) + [
         ("nxm::sparse_mm", (x, sw.values, sw.metadata, bias, shape, "2:4", "cutlass", "auto")),
         ("nxm::sparse_mm", (x, sw.values, sw.metadata, None, shape, "2:4", "cutlass", "reference")),
         ("nxm::sparse_mm_grad_input", (torch.randn(3, 32).half(), sw.values, sw.metadata, shape, "2:4", "cutlass")),

@@ -1,13 +1,16 @@
 """Transposable N:M (``"2:4t"``): W and W^T both stored, and a sparse backward through W^T."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nxm_kernels as nxm
-from nxm_kernels import dispatch, ops
+from nxm_kernels import _extension, dispatch, ops
+from nxm_kernels.backends.native import _has_kernel
 from nxm_kernels.layouts import NMSparseWeight
 from nxm_kernels.nn import SparseLinear, sparsify
 
@@ -137,3 +140,84 @@ def test_state_dict_round_trip_validates_the_transpose():
     state["values_t"] = torch.randn_like(state["values_t"])
     with pytest.raises(RuntimeError, match="not the transpose"):
         fresh.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- the native 2:4t selection
+
+native_built = pytest.mark.skipif(
+    _extension.unavailable_reason() is not None or not _has_kernel("nxm::select_2of4t"),
+    reason="no _C with nxm::select_2of4t (csrc/cpu_transposable.cpp)",
+)
+SELECT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8)
+# Integers (many equal magnitudes: ties), zeros and -0, and magnitudes 2**-60 .. 2**60 in one block
+# (the AVX-512 kernel's integers cannot hold those: the scalar path's exact sums settle them).
+TIE_VALUES = st.one_of(st.integers(-3, 3).map(float), st.sampled_from([0.0, -0.0]))
+WIDE_VALUES = st.one_of(TIE_VALUES, st.floats(-100, 100, width=32),
+                        st.builds(lambda m, e: m * 2.0**e, st.integers(-7, 7), st.integers(-60, 60)))
+
+
+def as_weight(values, shape, dtype):
+    w = torch.tensor(values, dtype=torch.float64).reshape(shape)
+    if dtype == torch.int8:
+        return w.clamp(-127, 127).round().to(dtype)
+    w = w.to(dtype)
+    return torch.where(torch.isfinite(w), w, torch.zeros((), dtype=dtype))  # (2**60 overflows fp16)
+
+
+@native_built
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # (one env)
+@given(data=st.data(), dtype=st.sampled_from(SELECT_DTYPES), scores_kind=st.sampled_from([None, "float32", "square"]),
+       wide=st.booleans())
+def test_native_2_4t_equals_the_reference_bit_for_bit(monkeypatch, threads, isa, data, dtype, scores_kind, wide):
+    monkeypatch.setenv("NXM_CPU_ISA", isa)  # (on a CPU without AVX-512 both run the scalar path)
+    # Widths up to 80: groups of 8 blocks (the SIMD unit) and a ragged end; a leading batch dim at times.
+    shape = (*data.draw(st.sampled_from([(), (2,)])), 4 * data.draw(st.integers(1, 3)), 4 * data.draw(st.integers(1, 20)))
+    values = data.draw(st.lists(WIDE_VALUES if wide else TIE_VALUES, min_size=math.prod(shape),
+                                max_size=math.prod(shape)))
+    w = as_weight(values, shape, dtype)
+    if scores_kind is None:
+        scores = None
+    elif scores_kind == "float32":  # signed scores, ties included
+        scores = as_weight(data.draw(st.lists(WIDE_VALUES if wide else TIE_VALUES, min_size=w.numel(),
+                                              max_size=w.numel())), shape, torch.float32)
+    else:  # ADMM's Z-step: w**2 in float64
+        scores = nxm.pattern.as_pattern("2:4t").projection_scores(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for op in (nxm.nm_mask, nxm.project):
+            got = op(w, "2:4t", scores, backend="native")
+            want = op(w, "2:4t", scores, backend="reference")
+            assert got.dtype == want.dtype and torch.equal(bits(got), bits(want)), op.__name__
+    finally:
+        torch.set_num_threads(before)
+
+
+@native_built
+@pytest.mark.parametrize("isa", ["avx512", "portable"])
+def test_native_2_4t_hand_cases(monkeypatch, isa):
+    monkeypatch.setenv("NXM_CPU_ISA", isa)
+    # 9 blocks in a row (8 in the SIMD unit, 1 past it): all equal, all zero, one hand-ranked block.
+    w = torch.ones(4, 36, dtype=torch.float16)
+    w[:, 4:8] = 0
+    w[:, 32:] = torch.tensor([[9, 8, 0, 0], [0, 0, 7, 6], [5, 4, 0, 0], [0, 0, 3, 2]])
+    mask = nxm.nm_mask(w, "2:4t", backend="native")
+    mask_0 = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)  # lowest number
+    assert torch.equal(mask[:, :4], mask_0) and torch.equal(mask[:, 4:8], mask_0)
+    assert torch.equal(mask[:, 32:], w[:, 32:] != 0)  # every nonzero fits 2:4 both ways: all kept
+    projected = nxm.project(-w, "2:4t", backend="native")
+    assert torch.equal(projected, torch.where(mask, -w, torch.zeros(())))
+    assert not torch.signbit(projected[~mask]).any()  # dropped entries are +0
+
+
+@native_built
+def test_auto_dispatch_runs_2_4t_natively_and_other_transposable_patterns_elsewhere():
+    w = torch.randn(8, 8)
+    assert dispatch.select("nm_mask", None, dict(w=w, pattern=nxm.pattern.as_pattern("2:4t"), scores=None)).name == "native"
+    why = dispatch.get_backend("native").not_supported_reasons("nm_mask", w=w, pattern=nxm.pattern.as_pattern("1:4t"),
+                                                               scores=None)
+    assert any("2:4t on CPU tensors, not 1:4t" in reason for reason in why)
+    with pytest.raises(RuntimeError, match="multiples of 4"):
+        torch.ops.nxm.select_2of4t(torch.randn(6, 8), None, False)

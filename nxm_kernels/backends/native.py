@@ -37,8 +37,9 @@ def _selection_scores(scores):
 class NativeBackend(Backend):
     name = "native"
     supports = {
-        "nm_mask": Support(devices=DEVICES),
-        "project": Support(devices=DEVICES),
+        # row n:m, and 2:4t on CPU (csrc/cpu_transposable*.cpp: extra_reasons refuses the rest)
+        "nm_mask": Support(devices=DEVICES, kinds=("row", "transposable")),
+        "project": Support(devices=DEVICES, kinds=("row", "transposable")),
         "compress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         "decompress": Support(layouts=tuple(KERNELS), devices=DEVICES),
         # csrc/cpu_gemm*.cpp: SIMD kernels (AVX-512, AVX2) for 2:4, a portable one for every n:m;
@@ -66,7 +67,15 @@ class NativeBackend(Backend):
             return []
         if device.type == "cpu" and _extension.unavailable_reason():
             return [_extension.unavailable_reason()]
-        if op == "sparse_mm" and call_facts(inputs)[0] == BLOCK and not _has_block_gemm():
+        pattern = call_facts(inputs)[3]
+        if op in ("nm_mask", "project") and pattern is not None and pattern.kind == "transposable":
+            if str(pattern) != "2:4t" or device.type != "cpu":
+                return [f"the native transposable selection (csrc/cpu_transposable.cpp) is 2:4t on CPU tensors, not "
+                        f"{pattern} on {device.type}"]
+            if not _has_kernel("nxm::select_2of4t"):
+                return ["nxm_kernels._C predates the 2:4t selection (csrc/cpu_transposable.cpp): rebuild it "
+                        "(pip install --no-build-isolation -e .)"]
+        if op == "sparse_mm" and call_facts(inputs)[0] == BLOCK and not _has_kernel("nxm::sparse_mm_block"):
             return ["nxm_kernels._C predates the block-layout GEMM (csrc/cpu_block_gemm.cpp): rebuild it "
                     "(pip install --no-build-isolation -e .)"]
         if device.type == "cuda" and not _extension.has_cuda_kernels() and _native_cupy.unavailable_reason():
@@ -77,11 +86,15 @@ class NativeBackend(Backend):
         return []
 
     def nm_mask(self, w, pattern, scores):
+        if pattern.kind == "transposable":
+            return torch.ops.nxm.select_2of4t(w, _selection_scores(scores), False)
         if _through_cupy(w):
             return _native_cupy.select(w, pattern, _selection_scores(scores), project=False)
         return torch.ops.nxm.nm_mask(w, pattern.n, pattern.m, _selection_scores(scores))
 
     def project(self, w, pattern, scores):
+        if pattern.kind == "transposable":
+            return torch.ops.nxm.select_2of4t(w, _selection_scores(scores), True)
         if _through_cupy(w):
             return _native_cupy.select(w, pattern, _selection_scores(scores), project=True)
         return torch.ops.nxm.project(w, pattern.n, pattern.m, _selection_scores(scores))
@@ -108,8 +121,8 @@ class NativeBackend(Backend):
         return torch.ops.nxm.sparse_mm_packed(x, sw.values, sw.metadata, bias, n, m)
 
 
-def _has_block_gemm() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("nxm::sparse_mm_block", "CPU")
+def _has_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU")
 
 
 def _through_cupy(t: torch.Tensor) -> bool:
