@@ -36,9 +36,13 @@ def test_every_kernel_and_config_is_covered():
     block_labels = {spec.label for spec in SPECS if spec.kernel == "_sparse_mm_block_kernel"}
     assert {"sparse_mm block 8:4x4 fp16", "sparse_mm block 8:4x4 bf16", "sparse_mm block 8:4x4 fp32",
             "sparse_mm block library fp16"} <= block_labels
+    quant_labels = {spec.label for spec in SPECS if spec.kernel == "_sparse_mm_tiled_q_kernel"}
+    assert {"sparse_mm tiled_q int4-g128 fp16", "sparse_mm tiled_q int4-g128 bf16", "sparse_mm tiled_q int4-g64 fp16",
+            "sparse_mm tiled_q int8 fp16"} <= quant_labels
     kernels = {spec.kernel for spec in SPECS}
     assert kernels == {"_select_kernel", "_compress_packed_kernel", "_compress_cutlass_kernel",
-                       "_decompress_kernel", "_sparse_mm_kernel", "_sparse_mm_block_kernel"}
+                       "_decompress_kernel", "_sparse_mm_kernel", "_sparse_mm_block_kernel",
+                       "_sparse_mm_tiled_q_kernel"}
     assert len(set(CASES)) == len(CASES), "two specs would share a table row"
 
 

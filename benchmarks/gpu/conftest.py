@@ -4,6 +4,6 @@ from . import report
 
 
 def pytest_sessionfinish(session):
-    if report.RESULTS:
-        paths = report.write(report.RESULTS)
+    if report.RESULTS or report.QUANT_RESULTS:
+        paths = report.write(report.RESULTS, report.QUANT_RESULTS)
         print("\nsparse GEMM report: " + ", ".join(str(p) for p in paths))

@@ -9,6 +9,9 @@ from pathlib import Path
 
 IMPLS = ("cusparselt", "cusparselt tuned", "torch._cslt_sparse_mm", "triton", "cuBLAS dense")
 RESULTS: list[dict] = []  # one per (shape, dtype, M): {"shape", "dtype", "m", "gpu", "us": {impl: us or None}}
+# the quantized 2:4 GEMM (test_bench_quant_gemm.py), one per (shape, encoding, M):
+# {"shape", "encoding", "m", "gpu", "us", "dense_us", "bound": weight-bytes bound of the speed-up}
+QUANT_RESULTS: list[dict] = []
 
 
 def output_dir() -> Path:
@@ -40,6 +43,16 @@ def table(results: list[dict]) -> str:
         notes = {note for row in rows for note in row.get("notes", [])}
         lines += [f"- {note}" for note in sorted(notes)] + [""]
     return "\n".join(lines)
+
+
+def quant_table(results: list[dict]) -> str:
+    lines = [f"# Quantized 2:4 GEMM (Triton, tiled_q) against cuBLAS dense fp16 on {results[0]['gpu']}", "",
+             "speed-up = dense time / time; bound = dense fp16 weight bytes / quantized weight bytes.", "",
+             "| layer | encoding | M | triton us | dense us | speed-up | bound |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in sorted(results, key=lambda r: (r["shape"], r["encoding"], r["m"])):
+        lines.append(f"| {row['shape']} | {row['encoding']} | {row['m']} | {row['us']:.1f} | {row['dense_us']:.1f} "
+                     f"| {row['dense_us'] / row['us']:.2f}x | {row['bound']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -74,11 +87,14 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: list[dict]) -> list[Path]:
+def write(results: list[dict], quant: list[dict] = ()) -> list[Path]:
     folder = output_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    stem = "sparse_gemm-" + "".join(c if c.isalnum() else "_" for c in results[0]["gpu"])
+    stem = "sparse_gemm-" + "".join(c if c.isalnum() else "_" for c in (results or quant)[0]["gpu"])
     md, png = folder / f"{stem}.md", folder / f"{stem}.png"
-    md.write_text(table(results))
+    md.write_text("\n".join(part for part in (table(results) if results else "",
+                                              quant_table(list(quant)) if quant else "") if part))
+    if not results:
+        return [md]
     plot(results, png)
     return [md, png]

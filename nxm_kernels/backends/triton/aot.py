@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ...pattern import Pattern, as_pattern
-from . import block_gemm, kernels
+from . import block_gemm, kernels, quant_gemm
 
 ARCHS = (80, 90)
 
@@ -115,6 +115,39 @@ def block_gemm_specs(dtype: str = "fp16", pattern="8:4x4", out_features=4096, in
     return specs
 
 
+def quant_gemm_specs(dtype: str = "fp16", bits: int = 4, group_size: int | None = 128, out_features=4096,
+                     in_features=4096):
+    """The W4A16/W8A16 GEMM of the ``tiled_q`` layout (``quant_gemm.py``) with every autotuning config
+    whose BLOCK_K fits the group size."""
+    from ...layouts.tiled_q import META_PER_ROW, TILE_K, TILE_N
+
+    group = group_size or 0
+    code_bytes = TILE_K // 2 * bits // 8
+    specs = []
+    for decode, config in ((decode, c) for decode in (True, False) for c in quant_gemm.CONFIGS[decode]):
+        if not quant_gemm._fits(config["BLOCK_K"], in_features, group):
+            continue
+        m_rows = 16 if decode else 4096
+        args = (
+            _ptr("x_ptr", _PTR[dtype]), _ptr("values_ptr", "*i8" if bits == 8 else "*u8"), _ptr("meta_ptr", "*u8"),
+            _ptr("scales_ptr", "*fp32"), _ptr("bias_ptr", _PTR[dtype]), _ptr("y_ptr", _PTR[dtype]),
+            _int("M", m_rows), _int("N", out_features), _int("K", in_features),
+            _int("M_BUCKET", min(m_rows, 2 * quant_gemm.DECODE_M)),
+            _int("stride_xm", in_features), _int("stride_xk", 1),
+            _int("stride_vb", in_features // TILE_K * TILE_N * code_bytes),
+            _int("stride_mb", in_features // TILE_K * TILE_N * META_PER_ROW),
+            _int("stride_sn", -(-in_features // group) if group else 1),
+        )
+        constexprs = dict(
+            BITS=bits, GROUP_K=group, TILE_ROWS=TILE_N, TILE_COLS=TILE_K, META_BYTES=META_PER_ROW, HAS_BIAS=True,
+            UPCAST=False, **{k: v for k, v in config.items() if k.startswith("BLOCK")},
+        )
+        label = f"sparse_mm tiled_q int{bits}{f'-g{group}' if group else ''} {dtype}"
+        specs.append(KernelSpec("_sparse_mm_tiled_q_kernel", label, args, tuple(constexprs.items()),
+                                config["num_warps"], config["num_stages"], "quant_gemm"))
+    return specs
+
+
 def elementwise_specs(pattern: Pattern = Pattern(2, 4), rows=4096, cols=4096):
     """mask/project, compress and decompress for a 16-bit weight (fp16/bf16 share the kernels)."""
     mp = triton.next_power_of_2(pattern.m)
@@ -164,17 +197,20 @@ def elementwise_specs(pattern: Pattern = Pattern(2, 4), rows=4096, cols=4096):
 def all_specs():
     """Every kernel and every GEMM config: the GEMM in fp16, bf16 and fp32 for 2:4, and in fp16
     for 4:8 and 8:16 (wider codes: more registers per element) and 5:6 (m not a power of two); the
-    block GEMM in fp16, bf16 and fp32 for 8:4x4, and in fp16 for a library of 4x4 masks."""
+    block GEMM in fp16, bf16 and fp32 for 8:4x4, and in fp16 for a library of 4x4 masks; the
+    quantized 2:4 GEMM (``tiled_q``) for int4 g128 in fp16 and bf16, int4 g64, int8 per row."""
     return (elementwise_specs(Pattern(2, 4)) + elementwise_specs(Pattern(4, 8))
             + gemm_specs("fp16") + gemm_specs("bf16") + gemm_specs("fp32")
             + gemm_specs("fp16", Pattern(4, 8)) + gemm_specs("fp16", Pattern(8, 16))
             + gemm_specs("fp16", Pattern(5, 6), in_features=4092)
             + block_gemm_specs("fp16") + block_gemm_specs("bf16") + block_gemm_specs("fp32")
-            + block_gemm_specs("fp16", LIBRARY_8_OF_4X4))
+            + block_gemm_specs("fp16", LIBRARY_8_OF_4X4)
+            + quant_gemm_specs("fp16", 4, 128) + quant_gemm_specs("bf16", 4, 128) + quant_gemm_specs("fp16", 4, 64)
+            + quant_gemm_specs("fp16", 8, None))
 
 
 def _source(spec: KernelSpec) -> ASTSource:
-    fn = getattr({"kernels": kernels, "block_gemm": block_gemm}[spec.module], spec.kernel)
+    fn = getattr({"kernels": kernels, "block_gemm": block_gemm, "quant_gemm": quant_gemm}[spec.module], spec.kernel)
     if not isinstance(fn, triton.runtime.jit.JITFunction):
         raise RuntimeError("ahead-of-time compilation needs compiled kernels: run without TRITON_INTERPRET=1")
     signature, constexprs, attrs = {}, dict(spec.constexprs), {}
