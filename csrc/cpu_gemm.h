@@ -78,7 +78,9 @@ struct W8A8Args {
 void quantize_rows_avx512(const float* x, int64_t x_stride, int64_t k, int64_t begin, int64_t end, uint8_t* xq,
                           int64_t xq_stride, float* x_scales);
 // y[:, begin:end] of a 2:4 weight with group_size 0 or a multiple of 64: AVX-512 VNNI + VBMI.
-void gemm_2of4_w8a8_avx512(const W8A8Args& args, int64_t begin, int64_t end);
+// scratch: w8a8_avx512_scratch_bytes(k) bytes, 64-byte aligned, for this call alone.
+int64_t w8a8_avx512_scratch_bytes(int64_t k);
+void gemm_2of4_w8a8_avx512(const W8A8Args& args, int64_t begin, int64_t end, void* scratch);
 
 }  // namespace cpu_gemm
 }  // namespace nxm

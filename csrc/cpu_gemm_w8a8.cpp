@@ -209,7 +209,11 @@ at::Tensor sparse_mm_packed_w8a8_cpu(const at::Tensor& x, const at::Tensor& valu
     const int64_t b = begin == 0 ? 0 : (begin + 3) / 4 * 4, e = end == out_features ? end : (end + 3) / 4 * 4;
     if (b >= e) return;
 #if NXM_X86_KERNELS
-    if (simd_gemm) return cpu_gemm::gemm_2of4_w8a8_avx512(args, b, std::min(e, out_features));
+    if (simd_gemm) {
+      std::vector<uint8_t> scratch(cpu_gemm::w8a8_avx512_scratch_bytes(cols) + 63);
+      void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+      return cpu_gemm::gemm_2of4_w8a8_avx512(args, b, std::min(e, out_features), aligned);
+    }
 #endif
     gemm_portable(args, int(n), int(m), b, std::min(e, out_features));
   });

@@ -79,18 +79,24 @@ inline __m512i kept_columns(const uint8_t* meta, int64_t s, bool tail, int64_t t
 // row of x, wsum += 128 * w per weight row, in int32 lanes. `half`: only the kept values whose bits
 // are set (a scale group that ends at the step's middle: group_size an odd multiple of 64).
 template <int B, int R, int MX>
-inline void step(const W8A8Args& a, const void* const* values, const uint8_t* const* meta, const uint8_t* x,
-                 int64_t s, __mmask64 half, __m512i (&acc)[R][MX], __m512i (&wsum)[R]) {
+inline void step(const W8A8Args& a, const void* const* values, const uint8_t* const* meta, const __m512i* ready,
+                 const uint8_t* x, int64_t s, __mmask64 half, __m512i (&acc)[R][MX], __m512i (&wsum)[R]) {
   const bool tail = (s + 1) * kW8A8Step > a.k;
   const int64_t tail_kept = (a.k - s * kW8A8Step) / 2;
   const __m512i u128 = _mm512_set1_epi8(char(0x80));
   __m512i w[R], idx[R];
   #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
-    w[r] = _mm512_maskz_mov_epi8(half, load_codes<B>(values[r], s, tail, tail_kept));
-    idx[r] = kept_columns(meta[r], s, tail, tail_kept);
+    if (ready) {
+      w[r] = _mm512_load_si512(ready + 2 * (s * R + r));
+      idx[r] = _mm512_load_si512(ready + 2 * (s * R + r) + 1);
+    } else {
+      w[r] = load_codes<B>(values[r], s, tail, tail_kept);
+      idx[r] = kept_columns(meta[r], s, tail, tail_kept);
+      if (!tail) _mm_prefetch(static_cast<const char*>(values[r]) + (B == 8 ? 64 : 32) * s + 2048, _MM_HINT_T0);
+    }
+    w[r] = _mm512_maskz_mov_epi8(half, w[r]);
     wsum[r] = _mm512_dpbusd_epi32(wsum[r], u128, w[r]);
-    if (!tail) _mm_prefetch(static_cast<const char*>(values[r]) + (B == 8 ? 64 : 32) * s + 2048, _MM_HINT_T0);
   }
   #pragma GCC unroll 4
   for (int i = 0; i < MX; ++i) {
@@ -103,7 +109,7 @@ inline void step(const W8A8Args& a, const void* const* values, const uint8_t* co
 
 // y[m0 : m0 + MX, row : row + R].
 template <int B, int R, int MX>
-void block(const W8A8Args& a, int64_t row, int64_t m0) {
+void block(const W8A8Args& a, int64_t row, int64_t m0, const __m512i* ready) {
   const void* values[R];
   const uint8_t* meta[R];
   const int64_t row_bytes = B == 8 ? a.k / 2 : a.k / 4;
@@ -142,11 +148,11 @@ void block(const W8A8Args& a, int64_t row, int64_t m0) {
   for (int64_t s = 0; s < steps; ++s) {
     if (g > 0 && (s * kW8A8Step + 64) % g == 0 && s * kW8A8Step + 64 < a.k) {
       // A group ends at the step's middle: the step runs twice, each time with half the weights.
-      step<B, R, MX>(a, values, meta, x, s, first_half, acc, wsum);
+      step<B, R, MX>(a, values, meta, ready, x, s, first_half, acc, wsum);
       fold();
-      step<B, R, MX>(a, values, meta, x, s, ~first_half, acc, wsum);
+      step<B, R, MX>(a, values, meta, ready, x, s, ~first_half, acc, wsum);
     } else {
-      step<B, R, MX>(a, values, meta, x, s, all, acc, wsum);
+      step<B, R, MX>(a, values, meta, ready, x, s, all, acc, wsum);
     }
     if (s + 1 == steps || (g > 0 && (s + 1) * kW8A8Step % g == 0)) fold();
   }
@@ -161,23 +167,42 @@ void block(const W8A8Args& a, int64_t row, int64_t m0) {
   }
 }
 
+// y[:, row : row + R]. With more than one tile of x, each step's codes and indices are made once
+// into `scratch` (kept in L1/L2) and read by every tile: the vector-permute port, the bottleneck,
+// then serves only the gathers.
 template <int B, int R>
-void rows_block(const W8A8Args& a, int64_t row) {
+void rows_block(const W8A8Args& a, int64_t row, __m512i* scratch) {
+  const __m512i* ready = nullptr;
+  if (a.m_rows > kXRows) {
+    const int64_t row_bytes = B == 8 ? a.k / 2 : a.k / 4, steps = (a.k + kW8A8Step - 1) / kW8A8Step;
+    for (int64_t s = 0; s < steps; ++s) {
+      const bool tail = (s + 1) * kW8A8Step > a.k;
+      const int64_t tail_kept = (a.k - s * kW8A8Step) / 2;
+      for (int r = 0; r < R; ++r) {
+        _mm512_store_si512(scratch + 2 * (s * R + r),
+                           load_codes<B>(static_cast<const char*>(a.values) + (row + r) * row_bytes, s, tail, tail_kept));
+        _mm512_store_si512(scratch + 2 * (s * R + r) + 1,
+                           kept_columns(a.meta + (row + r) * a.meta_stride, s, tail, tail_kept));
+      }
+    }
+    ready = scratch;
+  }
   int64_t m0 = 0;
-  for (; m0 + kXRows <= a.m_rows; m0 += kXRows) block<B, R, kXRows>(a, row, m0);
+  for (; m0 + kXRows <= a.m_rows; m0 += kXRows) block<B, R, kXRows>(a, row, m0, ready);
   switch (a.m_rows - m0) {
-    case 3: return block<B, R, 3>(a, row, m0);
-    case 2: return block<B, R, 2>(a, row, m0);
-    case 1: return block<B, R, 1>(a, row, m0);
+    case 3: return block<B, R, 3>(a, row, m0, ready);
+    case 2: return block<B, R, 2>(a, row, m0, ready);
+    case 1: return block<B, R, 1>(a, row, m0, ready);
     default: return;
   }
 }
 
 template <int B>
-void run(const W8A8Args& a, int64_t begin, int64_t end) {
+void run(const W8A8Args& a, int64_t begin, int64_t end, void* scratch) {
+  __m512i* ready = static_cast<__m512i*>(scratch);
   int64_t row = begin;
-  for (; row + kRows <= end; row += kRows) rows_block<B, kRows>(a, row);
-  for (; row < end; ++row) rows_block<B, 1>(a, row);
+  for (; row + kRows <= end; row += kRows) rows_block<B, kRows>(a, row, ready);
+  for (; row < end; ++row) rows_block<B, 1>(a, row, ready);
 }
 
 }  // namespace
@@ -232,9 +257,13 @@ void quantize_rows_avx512(const float* x, int64_t x_stride, int64_t k, int64_t b
   }
 }
 
-void gemm_2of4_w8a8_avx512(const W8A8Args& args, int64_t begin, int64_t end) {
-  if (args.code_bits == 4) return run<4>(args, begin, end);
-  return run<8>(args, begin, end);
+int64_t w8a8_avx512_scratch_bytes(int64_t k) {
+  return (k + kW8A8Step - 1) / kW8A8Step * kRows * 2 * int64_t(sizeof(__m512i));
+}
+
+void gemm_2of4_w8a8_avx512(const W8A8Args& args, int64_t begin, int64_t end, void* scratch) {
+  if (args.code_bits == 4) return run<4>(args, begin, end, scratch);
+  return run<8>(args, begin, end, scratch);
 }
 
 }  // namespace cpu_gemm
