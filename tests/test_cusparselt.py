@@ -394,3 +394,73 @@ def random_weight_cpu(shape, dtype):
     from conftest import random_weight
 
     return random_weight(shape, dtype, torch.Generator().manual_seed(1), zero_fraction=0.1)
+
+
+# ------------------------------------------------------------------ W8A8 (int8 codes x per-token int8 activations)
+
+def quantized_opaque_weight(rows=64, cols=64, dtype=torch.bfloat16, group_size=None, device="cpu"):
+    """An int8-coded cusparselt weight as nxm.compress(..., layout='cusparselt', bits=8) would hand it back."""
+    kept = rows * cols // 2
+    groups = 1 if group_size is None else -(-cols // group_size)
+    return NMSparseWeight(torch.zeros(kept + kept // 8, dtype=torch.int8, device=device),
+                          torch.empty(0, dtype=torch.uint8, device=device), (rows, cols), "2:4", "cusparselt",
+                          scales=torch.ones(rows, groups, device=device), encoding="int8" if group_size is None
+                          else f"int8-g{group_size}", float_dtype=dtype)
+
+
+@pytest.fixture
+def as_if_available(monkeypatch):
+    """The backend as on a GPU machine, so that its reasons for these inputs show (not 'no CUDA device')."""
+    monkeypatch.setattr(cusparselt.BACKEND, "unavailable_reason", lambda: None)
+
+
+def test_w8a8_is_declared_as_data():
+    support = cusparselt.BACKEND.supports["sparse_mm"]
+    assert support.encodings == ("float", "int8") and support.act_bits == (None, 8) and support.devices == ("cuda",)
+
+
+def test_w8a8_refusals_name_the_backend_and_why(as_if_available):
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    cases = [
+        (quantized_opaque_weight(), 8, "runs on cuda tensors, not on cpu"),
+        (quantized_opaque_weight(group_size=32), 8, r"int32 sums run over all of K, so per-group scales \(int8-g32\)"),
+        (quantized_opaque_weight(), None, "int8 codes with int8 activations only: pass act_bits=8"),
+    ]
+    for sw, act_bits, why in cases:
+        with pytest.raises(nxm.BackendNotSupported, match=f"backend 'cusparselt' cannot run sparse_mm.*{why}"):
+            nxm.sparse_mm(x, sw, act_bits=act_bits, backend="cusparselt")
+    # int4: no cusparselt weight holds it (the layout says so), and a packed one is refused with the reason
+    with pytest.raises(ValueError, match="cusparselt"):
+        nxm.compress(torch.randn(64, 64), "2:4", layout="cusparselt", bits=4)
+    packed4 = nxm.compress(torch.randn(64, 64, dtype=torch.bfloat16), "2:4", bits=4)
+    with pytest.raises(nxm.BackendNotSupported, match="cusparselt.*cuSPARSELt has no int4 GEMM"):
+        nxm.sparse_mm(x, packed4, act_bits=8, backend="cusparselt")
+
+
+def test_w8a8_auto_dispatch_moves_on_from_cusparselt(as_if_available):
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    for group_size in (None, 32):
+        sw = nxm.compress(torch.randn(64, 64, dtype=torch.bfloat16), "2:4", bits=8, group_size=group_size)
+        inputs = {"x": x, "sw": sw, "bias": None, "act_bits": 8}
+        assert cusparselt.BACKEND.not_supported_reasons("sparse_mm", **inputs)  # a reason, not a silent skip
+        assert dispatch.select("sparse_mm", None, inputs).name != "cusparselt"
+        assert torch.equal(nxm.sparse_mm(x, sw, act_bits=8), nxm.sparse_mm(x, sw, act_bits=8, backend="reference"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_wrapper_w8a8_equals_the_reference_bit_for_bit(emulated_library, dtype, m):
+    """x quantized per token, the emulated int32 GEMM, then the scales: the reference's bits."""
+    g = torch.Generator().manual_seed(m)
+    w = (torch.randn(64, 96, generator=g) * torch.rand(64, 1, generator=g) * 4).to(dtype)
+    w[3] = 0  # an all-zero row: scale 0
+    x = (torch.randn(m, 96, generator=g) * 8).to(dtype)
+    x[0, :] = 0  # a zero token: scale 0
+    bias = torch.randn(64, generator=g).to(dtype)
+    packed = nxm.compress(w, "2:4", bits=8)
+    codes = nxm.decompress(packed.encoding.codes_weight(packed), backend="reference")
+    values, metadata = cusparselt.BACKEND.compress(codes, nxm.Pattern.parse("2:4"), "cusparselt", None)
+    sw = NMSparseWeight(values, metadata, (64, 96), "2:4", "cusparselt", scales=packed.scales, encoding="int8",
+                        float_dtype=dtype)
+    y = cusparselt.BACKEND.sparse_mm(x, sw, bias, act_bits=8)
+    assert torch.equal(y, nxm.sparse_mm(x, packed, bias, act_bits=8, backend="reference"))

@@ -208,3 +208,44 @@ def test_transposed_output_is_written_directly(dtype):
     y_t = cusparselt.matmul(x, sw, transposed=True)
     assert y_t.shape == (128, 5) and y_t.is_contiguous()
     check(y_t.t(), x, nxm.project(w, "2:4"))
+
+
+# ------------------------------------------------------------------ W8A8: int8 codes x per-token int8 activations
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 17, 64, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_w8a8_equals_the_reference_bit_for_bit(dtype, m, with_bias):
+    """|sums| < 127 * 127 * 512 < 2**31: the int32 products are exact, so the result is the reference's."""
+    skip_unless_device_runs(torch.int8)
+    w = make((128, 512), dtype, 40) * torch.rand(128, 1, device="cuda").to(dtype) * 4
+    w[5] = 0  # an all-zero row: scale 0
+    x = make((m, 512), dtype, 41) * 8
+    x[m // 2] = 0  # a zero token: scale 0
+    bias = make((128,), dtype, 42) if with_bias else None
+    sw = nxm.compress(w, "2:4", layout="cusparselt", bits=8)
+    packed = nxm.compress(w, "2:4", bits=8)  # the same codes and scales, in a layout the reference reads
+    assert torch.equal(nxm.decompress(sw), nxm.decompress(packed)) and torch.equal(sw.scales, packed.scales)
+    inputs = {"x": x, "sw": sw, "bias": bias, "act_bits": 8}
+    assert dispatch.select("sparse_mm", None, inputs).name == "cusparselt"
+    y = nxm.sparse_mm(x, sw, bias, act_bits=8)
+    assert y.dtype == dtype and y.shape == (m, 128)
+    assert torch.equal(y, nxm.sparse_mm(x, packed, bias, act_bits=8, backend="reference"))
+    # and the CPU reference agrees (the quantization and epilogue are the same ops on either device)
+    assert torch.equal(y.cpu(), nxm.sparse_mm(x.cpu(), packed.to("cpu"), None if bias is None else bias.cpu(),
+                                              act_bits=8, backend="reference"))
+
+
+def test_w8a8_batched_x_and_refusals_on_the_gpu():
+    skip_unless_device_runs(torch.int8)
+    w = make((64, 128), torch.bfloat16, 43)
+    sw = nxm.compress(w, "2:4", layout="cusparselt", bits=8)
+    x = make((2, 3, 128), torch.bfloat16, 44)
+    y = nxm.sparse_mm(x, sw, act_bits=8)
+    assert torch.equal(y.reshape(6, 64), nxm.sparse_mm(x.reshape(6, 128), nxm.compress(w, "2:4", bits=8), act_bits=8,
+                                                       backend="reference"))
+    with pytest.raises(nxm.BackendNotSupported, match="int8 codes with int8 activations only: pass act_bits=8"):
+        nxm.sparse_mm(x, sw, backend="cusparselt")
+    grouped = nxm.compress(w, "2:4", layout="cusparselt", bits=8, group_size=64)
+    with pytest.raises(nxm.BackendNotSupported, match=r"per-group scales \(int8-g64\) cannot be applied"):
+        nxm.sparse_mm(x, grouped, act_bits=8, backend="cusparselt")

@@ -8,6 +8,13 @@ Every decision the kernel relies on (which GPUs and library versions, dtypes, pa
 output order, bias dtype, tuning keys) is made here, in plain functions that run on CPU and are
 tested there; the C++ binding checks what it relies on and runs.
 
+W8A8 (``sparse_mm(x, sw, act_bits=8)`` for ``sw = nxm.compress(w, "2:4", layout="cusparselt", bits=8)``):
+x is quantized per token as ``reference.quantize_activations`` does, cuSPARSELt multiplies the int8
+codes into exact int32 sums, and the scales follow in the reference's order (:func:`_w8a8`), so the
+result equals ``reference.sparse_mm_int`` bit for bit while the sums fit int32. One int32 sum per
+output covers all of K, so per-group scales (``group_size=``) are refused, as are int4 codes
+(cuSPARSELt has no int4 GEMM).
+
 Extras beyond the op surface: :func:`matmul` (int8 -> fp16/bf16 output and fp8 with per-row
 ``alpha``), :func:`compress_pruned` (fp8 weights) and :func:`tune` (algorithm search, ``nxm.tune``).
 """
@@ -24,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .. import _extension, dispatch
+from .. import _extension, dispatch, reference
 from ..dispatch import Backend, BackendNotSupported, Support
 from ..layouts import CUSPARSELT, NMSparseWeight
 from ..layouts.cusparselt import PATTERN as CUSPARSELT_PATTERN
@@ -291,6 +298,39 @@ def _run(x2: torch.Tensor, sw: NMSparseWeight, bias, alpha, out_dtype, config=No
     return y_t.contiguous() if want_transposed else y_t.t().contiguous()
 
 
+def w8a8_reasons(encoding, act_bits) -> list[str]:
+    """Why cuSPARSELt cannot multiply a weight of ``encoding`` with activations of ``act_bits``
+    (empty: it can). Its int8 GEMM gives one exact int32 sum over all of K per output."""
+    if not encoding.quantized:
+        return []  # (float weights with act_bits: refused by the op surface)
+    if encoding.bits != 8:
+        return [f"cuSPARSELt has no int4 GEMM ({encoding} weight): use backend 'native' or 'triton' on a packed "
+                "weight, or compress with bits=8"]
+    why = []
+    if act_bits != 8:
+        why.append(f"cuSPARSELt multiplies {encoding} codes with int8 activations only: pass act_bits=8 (W8A8), or "
+                   "keep the weight in layout 'packed' for float activations (W8A16)")
+    if encoding.group_size is not None:
+        why.append(f"cuSPARSELt's int32 sums run over all of K, so per-group scales ({encoding}) cannot be applied "
+                   "between them: compress with group_size=None (one scale per row), or use a packed weight with "
+                   "backend 'native'")
+    return why
+
+
+def _w8a8(x2: torch.Tensor, sw: NMSparseWeight, bias, act_bits: int) -> torch.Tensor:
+    """``reference.sparse_mm_int`` with the integer product on cuSPARSELt: x quantized per token by
+    the reference's own function, exact int32 sums, then the reference's epilogue for one group
+    (each op rounded on its own, as there: no fused multiply-add)."""
+    xq, sx = reference.quantize_activations(x2, act_bits)
+    acc = _run(xq, sw.encoding.codes_weight(sw), None, None, torch.int32)
+    y = torch.zeros(x2.shape[0], sw.out_features, dtype=torch.float32, device=x2.device)
+    y = y + acc.to(torch.float32) * sw.scales[:, 0]
+    y = y * sx
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x2.dtype)
+
+
 def _require(device: torch.device, dtype: torch.dtype, what: str) -> None:
     why = [BACKEND.unavailable_reason()] if BACKEND.unavailable_reason() else BACKEND.device_problems(device, dtype)
     if why:
@@ -424,7 +464,9 @@ class CusparseltBackend(Backend):
     supports = {
         "compress": Support(layouts=(CUSPARSELT.name,), dtypes=INPUT_DTYPES, devices=("cuda",)),
         "decompress": Support(layouts=(CUSPARSELT.name,), devices=("cuda",), advice=_make),
-        "sparse_mm": Support(layouts=(CUSPARSELT.name,), devices=("cuda",), advice=_make),
+        # int8 codes: W8A8 only (act_bits=8), one scale per row (extra_reasons)
+        "sparse_mm": Support(layouts=(CUSPARSELT.name,), devices=("cuda",), encodings=("float", "int8"),
+                             act_bits=(None, 8), advice=_make),
     }
     auto_devices = ("cuda",)
 
@@ -451,9 +493,12 @@ class CusparseltBackend(Backend):
         if op == "sparse_mm" and sw.dtype == FP8:
             why.append("float8 products need a wider output: use nxm_kernels.backends.cusparselt.matmul(x, sw, "
                        "out_dtype=torch.bfloat16, alpha=scales)")
+        if op == "sparse_mm":
+            why += w8a8_reasons(sw.encoding, inputs.get("act_bits"))
         subject = inputs["w"] if op == "compress" else sw
         if subject.device.type == "cuda":  # (other devices: the table's reason)
-            why += self.device_problems(subject.device, subject.dtype)
+            # (the kernel's dtype: a quantized weight's codes, not the float dtype it dequantizes to)
+            why += self.device_problems(subject.device, subject.values.dtype if op != "compress" else subject.dtype)
         return why
 
     def compress(self, w, pattern, layout, scores):
@@ -475,7 +520,9 @@ class CusparseltBackend(Backend):
             columns.append(_run(eye.to(sw.dtype), sw, None, None, out_dtype, config=DEFAULT_CONFIG))
         return torch.cat(columns).t().contiguous().to(sw.dtype)
 
-    def sparse_mm(self, x, sw, bias):
+    def sparse_mm(self, x, sw, bias, act_bits=None):
+        if act_bits is not None:
+            return _w8a8(x, sw, bias, act_bits)
         return _run(x, sw, bias, None, OUTPUT_DTYPES[sw.dtype][0])
 
 

@@ -141,7 +141,8 @@ class IntEncoding(Encoding):
         """``sw``'s codes as a float-encoded int8 weight of the same layout (what layouts read)."""
         from ..layouts import NMSparseWeight
 
-        count = sw.layout.storage(torch.int8, sw.shape, sw.pattern)["values"].shape[-1]
+        # (int4 codes need their count; int8 ones are the values as they are, also in an opaque buffer)
+        count = sw.layout.storage(torch.int8, sw.shape, sw.pattern)["values"].shape[-1] if self.bits == 4 else None
         return NMSparseWeight(self.unpack(sw.values, count), sw.metadata, sw.shape, sw.pattern, sw.layout,
                               check_metadata=False)
 
@@ -170,9 +171,13 @@ class IntEncoding(Encoding):
     def validate(self, sw, check_metadata):
         self.check(sw.dtype, sw.shape, sw.pattern, sw.layout)
         layout, specs = sw.layout, self.storage(sw.layout, sw.dtype, sw.shape, sw.pattern)
+        # An opaque buffer (spec shape None, e.g. cuSPARSELt's: codes and the library's metadata in one
+        # tensor) has its dtype checked here, its shape by the layout, and no codes or zeros to read.
+        opaque = specs["values"].shape is None
         for name in ("values", "scales"):
             tensor, spec = getattr(sw, name), specs[name]
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            shape_ok = spec.shape is None or (isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == spec.shape)
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != spec.dtype or not shape_ok:
                 got = f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor) else repr(tensor)
                 raise ValueError(f"{name} of a {sw.shape[0]}x{sw.shape[1]} {sw.pattern} {layout} {self} weight must "
                                  f"be {spec.dtype} {spec.shape}, got {got}")
@@ -180,9 +185,10 @@ class IntEncoding(Encoding):
             raise ValueError(f"scales are on {sw.scales.device} but values on {sw.values.device}: move both")
         codes_sw = self.codes_weight(sw)
         layout.validate(codes_sw.values, sw.metadata, sw.shape, sw.pattern, check_metadata)
-        self._check_codes(sw.values, codes_sw.values)
+        if not opaque:
+            self._check_codes(sw.values, codes_sw.values)
         self._check_scales(sw.scales)
-        if check_metadata:
+        if check_metadata and not opaque:
             dense = layout.decompress(codes_sw.values, sw.metadata, sw.shape, sw.pattern)
             nonzero = F.pad((dense != 0).to(torch.int8), (0, (-sw.shape[1]) % (self.group_size or sw.shape[1] or 1)))
             nonzero = nonzero.reshape(sw.shape[0], sw.scales.shape[1], -1).any(-1)
