@@ -173,10 +173,11 @@ def quant_markdown() -> list[str]:
         f"the GPU; times are for the {gpu.name} ({gpu.bandwidth / 1e12:.2f} TB/s). Weight bytes alone: int8 2:4",
         f"{weight_bytes(4096, 4096) / weight_bytes(4096, 4096, 8):.2f}x, int4 2:4 "
         f"{weight_bytes(4096, 4096) / weight_bytes(4096, 4096, 4):.2f}x, int4 2:4 g128 "
-        f"{weight_bytes(4096, 4096) / weight_bytes(4096, 4096, 4, 128):.2f}x fewer than fp16 at 4096x4096 (fp16 2:4: 1.78x).",
+        f"{weight_bytes(4096, 4096) / weight_bytes(4096, 4096, 4, 128):.2f}x fewer than fp16 at 4096x4096 "
+        "(fp16 2:4: 1.78x).",
         "",
         "| layer (out x in) | M | dense fp16 MB | " + " | ".join(f"{label} MB" for label, _, _ in ENCODINGS)
-        + f" | dense us | " + " | ".join(f"{label} us | bound speed-up" for label, _, _ in ENCODINGS) + " |",
+        + " | dense us | " + " | ".join(f"{label} us | bound speed-up" for label, _, _ in ENCODINGS) + " |",
         "|---|---:|" + "---:|" * (2 + 3 * len(ENCODINGS)),
     ]
     for r in quant_rows(gpu):

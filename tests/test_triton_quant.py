@@ -68,7 +68,9 @@ def assert_close_to_reference(y, x, sw, bias=None):
     allowed = finfo.eps * ref.double().abs() + 2 * (sw.in_features + 2) * 2.0**-24 * magnitude \
         + finfo.smallest_normal * finfo.eps
     err = (y.double() - ref.double()).abs()
-    assert bool((err <= allowed).all()), f"max error {float(err.max()):.3e}, allowed there {float(allowed.flatten()[err.argmax()]):.3e}"
+    worst = err.argmax()
+    assert bool((err <= allowed).all()), \
+        f"max error {float(err.max()):.3e}, allowed there {float(allowed.flatten()[worst]):.3e}"
 
 
 # ---------------------------------------------------------------- the layout
@@ -207,7 +209,8 @@ def test_full_code_range_bf16(bits):
     qmax = 127 if bits == 8 else 7
     shape = (16, 64)
     codes = torch.zeros(shape, dtype=torch.int8)
-    codes[:, 0::4] = torch.arange(-qmax, qmax + 1, dtype=torch.int8).repeat(16 * 16 // (2 * qmax + 1) + 1)[:256].view(16, 16)
+    every_code = torch.arange(-qmax, qmax + 1, dtype=torch.int8)
+    codes[:, 0::4] = every_code.repeat(256 // every_code.numel() + 1)[:256].view(16, 16)
     codes[:, 2::4] = -codes[:, 0::4]
     sw = quantized_weight(codes, power_of_two_scales(16, 1, g), bits, 64, torch.bfloat16)
     x = torch.eye(64)[torch.tensor([0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 60, 62, 1, 3])].bfloat16()
@@ -233,7 +236,8 @@ def test_random_weights_within_the_derived_tolerance(dtype, bits, group):
 
 
 @pytest.mark.parametrize("config", [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64), dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128),
-                                    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)], ids=["16x16x64", "32x64x128", "16x32x128"])
+                                    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)],
+                         ids=["16x16x64", "32x64x128", "16x32x128"])
 def test_any_m_and_program_tile(config):
     """M beyond one program's rows (40, and an x that is a strided view), programs of one to four
     16-row blocks (the last one partly past N = 48) and of one or two tiles per step: all exact."""
@@ -304,3 +308,17 @@ def test_without_the_interpreter_cpu_is_refused_with_the_reason():
 
 def test_registered_as_a_stored_layout():
     assert get_layout("tiled_q") is TILED_Q and "tiled_q" in nxm.LAYOUTS and TILED_Q.stored
+
+
+def test_autotuning_keeps_the_configs_that_fit():
+    """BLOCK_K divides K and the group size; each table holds BLOCK_K = 64, so some config always fits."""
+    assert all(any(c["BLOCK_K"] == 64 for c in configs) for configs in quant_gemm.CONFIGS.values())
+
+    def block_k(k, m_rows, group):
+        return sorted({c.kwargs["BLOCK_K"] for c in quant_gemm._configs_for_call(None, {"K": k, "M": m_rows},
+                                                                                   GROUP_K=group)})
+
+    assert block_k(4096, 1, 0) == [64, 128, 256]
+    assert block_k(4096, 16, 128) == [64, 128]
+    assert block_k(320, 1, 128) == [64]
+    assert block_k(4096, 17, 0) == [64]

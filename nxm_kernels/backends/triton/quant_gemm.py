@@ -71,11 +71,11 @@ def _sparse_mm_tiled_q_kernel(
     block_row = (rn // TILE_ROWS).to(tl.int64)
     tile_row = rn % TILE_ROWS
     jv = tl.arange(0, BLOCK_K // TILE_COLS * CODE_BYTES)
-    v_offsets = (block_row * stride_vb)[:, None] + ((jv // CODE_BYTES) * TILE_ROWS * CODE_BYTES + jv % CODE_BYTES)[None, :] \
-        + (tile_row * CODE_BYTES)[:, None]
+    v_in_step = (jv // CODE_BYTES) * TILE_ROWS * CODE_BYTES + jv % CODE_BYTES
+    v_offsets = (block_row * stride_vb + tile_row * CODE_BYTES)[:, None] + v_in_step[None, :]
     jm = tl.arange(0, BLOCK_K // TILE_COLS * META_BYTES)
-    m_offsets = (block_row * stride_mb)[:, None] + ((jm // META_BYTES) * TILE_ROWS * META_BYTES + jm % META_BYTES)[None, :] \
-        + (tile_row * META_BYTES)[:, None]
+    m_in_step = (jm // META_BYTES) * TILE_ROWS * META_BYTES + jm % META_BYTES
+    m_offsets = (block_row * stride_mb + tile_row * META_BYTES)[:, None] + m_in_step[None, :]
     V_STEP: tl.constexpr = BLOCK_K // TILE_COLS * TILE_ROWS * CODE_BYTES  # per step, within a row block
     M_STEP: tl.constexpr = BLOCK_K // TILE_COLS * TILE_ROWS * META_BYTES
     dtype = tl.float32 if UPCAST else x_ptr.dtype.element_ty
@@ -126,9 +126,9 @@ def _fits(block_k: int, k: int, group_size: int) -> bool:
 
 
 def _configs_for_call(configs, named_args, **kwargs):
+    # Never empty: K and the group size are multiples of TILE_K, and both tables hold BLOCK_K = TILE_K.
     k, group = named_args["K"], kwargs["GROUP_K"]
-    return [c for c in _TUNED[named_args["M"] <= DECODE_M] if _fits(c.kwargs["BLOCK_K"], k, group)] or \
-        [kernels._triton_config(dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=TILE_K, num_warps=4, num_stages=3))]
+    return [c for c in _TUNED[named_args["M"] <= DECODE_M] if _fits(c.kwargs["BLOCK_K"], k, group)]
 
 
 _sparse_mm_tiled_q_tuned = triton.autotune(
@@ -162,7 +162,7 @@ def sparse_mm_tiled_q(x: torch.Tensor, values: torch.Tensor, metadata: torch.Ten
             f"sparse_mm_tiled_q: x {x.dtype} {tuple(x.shape)} (float16/bfloat16, K a multiple of {TILE_K}) with "
             f"{bits}-bit codes, group_size {group_size} (0 or a multiple of {TILE_K}) needs "
             + ", ".join(f"{name} {shape}" for name, shape in want.items())
-            + f" (scales float32), got " + ", ".join(f"{name} {tuple(t.shape)}" for name, t in got.items())
+            + " (scales float32), got " + ", ".join(f"{name} {tuple(t.shape)}" for name, t in got.items())
             + f" (scales {scales.dtype})")
     values, metadata, scales = values.contiguous(), metadata.contiguous(), scales.contiguous()
     bias = bias.contiguous() if bias is not None else None
