@@ -322,3 +322,22 @@ def test_autotuning_keeps_the_configs_that_fit():
     assert block_k(4096, 16, 128) == [64, 128]
     assert block_k(320, 1, 128) == [64]
     assert block_k(4096, 17, 0) == [64]
+
+
+def test_sparse_linear_runs_the_kernel():
+    """A padded bf16 SparseLinear in tiled_q with backend 'triton' computes the kernel's product on its
+    padded weight, cropped; the same layer on the reference backend gives the reference's."""
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(120, 40).bfloat16()
+    layers = {backend: nxm.SparseLinear.from_dense(dense, "2:4", backend=backend, layout="tiled_q", weight_bits=8,
+                                                   group_size=64) for backend in ("triton", "reference")}
+    sw = layers["triton"].weight_sparse
+    assert sw.shape == (48, 128) and torch.equal(sw.values, layers["reference"].weight_sparse.values)
+    x = torch.randn(2, 3, 120).bfloat16()
+    x_padded = torch.nn.functional.pad(x.reshape(6, 120), (0, 8))
+    bias = torch.nn.functional.pad(layers["triton"].bias, (0, 8))
+    y = nxm.sparse_mm(x_padded, sw, bias, backend="triton")
+    assert_close_to_reference(y, x_padded, sw, bias)
+    with torch.no_grad():
+        assert torch.equal(layers["triton"](x).reshape(6, 40), y[:, :40])
+        assert torch.equal(layers["reference"](x).reshape(6, 40), reference.sparse_mm(x_padded, sw, bias)[:, :40])
