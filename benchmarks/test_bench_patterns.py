@@ -1,7 +1,8 @@
 """Every pattern kind on one weight: nm_mask, project and compress for 2:4, 2:4t, 8:4x4 and a
 library of 8 4x4 masks that each keep 8, against ``w.clone()`` in the same rounds (the
-memory-bandwidth floor). Row 2:4 runs on the fastest backend; the block kinds on their exact
-search (``nxm_kernels.patterns``). Compress stores 2:4 and 2:4t in ``packed`` (2:4t: W and W^T),
+memory-bandwidth floor; printed beside the ratio: the op's own floor, its bytes read and written
+over the clone's). Row 2:4 and 2:4t run on the fastest backend (on CPU the native one; 2:4t:
+csrc/cpu_transposable*.cpp); 8:4x4 and the library on their exact search (``nxm_kernels.patterns``). Compress stores 2:4 and 2:4t in ``packed`` (2:4t: W and W^T),
 8:4x4 and the library in ``block``.
 
 And ``sparse_mm`` of the ``block`` layout (auto: the native CPU GEMM, the Triton one on a GPU)
@@ -10,6 +11,7 @@ against dense ``F.linear`` on the decompressed weight, at M = 1 and 64, beside t
 
 import functools
 import os
+import statistics
 
 import pytest
 import torch
@@ -50,11 +52,22 @@ def test_select(benchmark, profile, case):
     candidate = functools.partial(getattr(nxm, op), w, pattern, *([layout] if layout else []))
     name = "library 8 of 4x4 masks" if kind == LIBRARY else kind
     benchmark.group = f"{op} {name} {cases.dtype_name(dtype)} {shape_name} {device}"
-    harness.measure(
+    # The floor: an op that reads w once and writes its result, against the clone's read + write.
+    result = candidate()
+    written = sum(cases.nbytes(t) for t in (result.tensors().values() if op == "compress" else [result]))
+    limit = (cases.nbytes(w) + written) / (2 * cases.nbytes(w))
+    ratios = harness.measure(
         benchmark, profile, torch.device(device), candidate, {"clone": w.clone},
         kind="convert", op=op, layout=layout, pattern=name, dtype=cases.dtype_name(dtype),
         model=shape_name, shape=list(shape), backend="auto", bytes=cases.nbytes(w), baselines_unavailable={},
     )
+    clone = ratios["clone"]
+    benchmark.extra_info.update(bytes_limit=limit)
+    seconds = statistics.median(benchmark.extra_info["samples_s"]["candidate"]) / \
+        benchmark.extra_info["calls_per_sample"]["candidate"]
+    print(f"\n| {op} | {name} | {cases.dtype_name(dtype)} | {shape_name} {shape[0]}x{shape[1]} | "
+          f"{seconds * 1e3:.1f} ms | {clone['median']:.2f}x [{clone['min']:.2f}-{clone['max']:.2f}] | {limit:.2f}x | {torch.get_num_threads()} | "
+          f"{os.getloadavg()[0]:.1f} |")
 
 
 BLOCK_KINDS = ("8:4x4", LIBRARY)

@@ -103,7 +103,7 @@ struct Args {
 
 // Block row `block_row` (rows 4 * block_row .. + 3): writes `out` for every block and returns how
 // many blocks it could not settle exactly (their output is to be rewritten), listing their block
-// columns in `left` (room for cols / 4). AVX-512 F/DQ/BW/VL.
+// columns in `left` (room for cols / 4). AVX-512 F/DQ/BW/VL and BMI2.
 int64_t select_2of4t_avx512(const Args& args, int64_t block_row, int64_t* left);
 
 }  // namespace cpu_transposable

@@ -1,6 +1,6 @@
-// AVX-512 (F, DQ, BW, VL) kernel of the exact 2:4t selection; compiled with -mavx512f -mavx512dq
-// -mavx512bw -mavx512vl -mf16c and called only on CPUs that have them (cpu_transposable.cpp checks at
-// run time). Specification: nxm_kernels/patterns/transposable.py; the scalar twin: cpu_transposable.cpp.
+// AVX-512 (F, DQ, BW, VL) + BMI2 kernel of the exact 2:4t selection; compiled with -mavx512f
+// -mavx512dq -mavx512bw -mavx512vl -mf16c -mbmi2 and called only on CPUs that have them
+// (cpu_transposable.cpp checks at run time). Specification: nxm_kernels/patterns/transposable.py; the scalar twin: cpu_transposable.cpp.
 //
 // Eight 4x4 blocks side by side, one per 64-bit lane. Each block's scores become integers exactly:
 // scaled by a power of two so that the largest is below 2**48, then truncated; a block that lost a
@@ -28,9 +28,12 @@ constexpr int class_of(int q, int r) {
   return counts[0] + 3 * counts[1] + 9 * counts[2] + 27 * counts[3];
 }
 
+constexpr int kClasses = 19;  // column counts of rows 0-1: 6 of (2,2,0,0), 12 of (2,1,1,0), (1,1,1,1)
+
 struct Tables {
   int upper[36];  // class slot (0..18) of choice 6 * q0 + q1 for rows 0-1
   int lower[36];  // class slot completed by choice 6 * q2 + q3 for rows 2-3
+  bool first_upper[36], first_lower[36];  // the first choice of its slot
   uint16_t mask[1296];  // tie code -> kept bits (bit 4 * row + col); 0 for codes of no valid mask
 };
 
@@ -47,6 +50,12 @@ constexpr Tables make_tables() {
     }
   for (int q = 0; q < 6; ++q)
     for (int r = 0; r < 6; ++r) t.lower[6 * q + r] = slot_of[80 - class_of(q, r)];  // 80: every count 2
+  bool seen_upper[kClasses] = {}, seen_lower[kClasses] = {};
+  for (int i = 0; i < 36; ++i) {
+    t.first_upper[i] = !seen_upper[t.upper[i]];
+    t.first_lower[i] = !seen_lower[t.lower[i]];
+    seen_upper[t.upper[i]] = seen_lower[t.lower[i]] = true;
+  }
   for (int q0 = 0; q0 < 6; ++q0)
     for (int q1 = 0; q1 < 6; ++q1)
       for (int q2 = 0; q2 < 6; ++q2)
@@ -61,7 +70,6 @@ constexpr Tables make_tables() {
 }
 
 constexpr Tables kTables = make_tables();
-constexpr int kClasses = 19;
 constexpr int kRowCode[4] = {216, 36, 6, 1};
 
 // 32 consecutive elements (8 blocks of one row) as two fp32 registers.
@@ -143,18 +151,25 @@ inline void store_row(const Args& a, int64_t i, uint32_t keep) {
 
 // Eight blocks whose scores are s[4 * row + col] (lane = block): their kept bits, and the lanes
 // that the integers cannot settle.
+// Fp16: every |fp16| is a multiple of 2**-24 below 2**16, so one scale, 2**24, makes exact integers
+// of every block.
+template <bool Fp16>
 inline __mmask8 best_masks(const __m512d s[16], bool signed_scores, uint16_t kept[8]) {
-  __m512d top = signed_scores ? _mm512_abs_pd(s[0]) : s[0];
-  for (int e = 1; e < 16; ++e) top = _mm512_max_pd(top, signed_scores ? _mm512_abs_pd(s[e]) : s[e]);
-  // floor(log2(top)) (-inf for 0: clamped); lanes at 2**48 or more go to the scalar path.
-  const __m512d exponent = _mm512_max_pd(_mm512_getexp_pd(top), _mm512_set1_pd(-1100.0));
-  __mmask8 lossy = _mm512_cmp_pd_mask(exponent, _mm512_set1_pd(kScaleBits - 1), _CMP_GT_OQ);
-  const __m512d shift = _mm512_sub_pd(_mm512_set1_pd(kScaleBits - 1), exponent);
+  __mmask8 lossy = 0;
+  __m512d shift = _mm512_set1_pd(24.0);
+  if constexpr (!Fp16) {
+    __m512d top = signed_scores ? _mm512_abs_pd(s[0]) : s[0];
+    for (int e = 1; e < 16; ++e) top = _mm512_max_pd(top, signed_scores ? _mm512_abs_pd(s[e]) : s[e]);
+    // floor(log2(top)) (-inf for 0: clamped); lanes at 2**48 or more go to the scalar path.
+    const __m512d exponent = _mm512_max_pd(_mm512_getexp_pd(top), _mm512_set1_pd(-1100.0));
+    lossy = _mm512_cmp_pd_mask(exponent, _mm512_set1_pd(kScaleBits - 1), _CMP_GT_OQ);
+    shift = _mm512_sub_pd(_mm512_set1_pd(kScaleBits - 1), exponent);
+  }
   __m512i t[16];
   for (int e = 0; e < 16; ++e) {
     const __m512d scaled = _mm512_scalef_pd(s[e], shift);  // exact: a power of two, upwards
     const __m512i ints = _mm512_cvttpd_epi64(scaled);
-    lossy |= _mm512_cmp_pd_mask(_mm512_cvtepi64_pd(ints), scaled, _CMP_NEQ_UQ);
+    if constexpr (!Fp16) lossy |= _mm512_cmp_pd_mask(_mm512_cvtepi64_pd(ints), scaled, _CMP_NEQ_UQ);
     t[e] = _mm512_slli_epi64(ints, kCodeBits);
   }
   // Pair sums of each row, with the row's share of the tie code.
@@ -163,14 +178,13 @@ inline __mmask8 best_masks(const __m512d s[16], bool signed_scores, uint16_t kep
     for (int q = 0; q < 6; ++q)
       pair[row][q] = _mm512_add_epi64(_mm512_add_epi64(t[4 * row + kPairs[q][0]], t[4 * row + kPairs[q][1]]),
                                       _mm512_set1_epi64((5 - q) * kRowCode[row]));
-  const __m512i lowest = _mm512_set1_epi64(INT64_MIN);
   __m512i upper[kClasses], lower[kClasses];
-  for (int c = 0; c < kClasses; ++c) upper[c] = lower[c] = lowest;
   for (int q = 0; q < 6; ++q)
     for (int r = 0; r < 6; ++r) {
-      const int u = kTables.upper[6 * q + r], l = kTables.lower[6 * q + r];
-      upper[u] = _mm512_max_epi64(upper[u], _mm512_add_epi64(pair[0][q], pair[1][r]));
-      lower[l] = _mm512_max_epi64(lower[l], _mm512_add_epi64(pair[2][q], pair[3][r]));
+      const int i = 6 * q + r, u = kTables.upper[i], l = kTables.lower[i];
+      const __m512i up = _mm512_add_epi64(pair[0][q], pair[1][r]), down = _mm512_add_epi64(pair[2][q], pair[3][r]);
+      upper[u] = kTables.first_upper[i] ? up : _mm512_max_epi64(upper[u], up);
+      lower[l] = kTables.first_lower[i] ? down : _mm512_max_epi64(lower[l], down);
     }
   __m512i best = _mm512_add_epi64(upper[0], lower[0]);
   for (int c = 1; c < kClasses; ++c) best = _mm512_max_epi64(best, _mm512_add_epi64(upper[c], lower[c]));
@@ -197,14 +211,17 @@ int64_t run(const Args& a, int64_t block_row, int64_t* left) {
       }
     }
     uint16_t kept[8];
-    const __mmask8 lossy = best_masks(s, !own, kept);
+    const __mmask8 lossy = best_masks<own && T == Elem::kFloat16>(s, !own, kept);
+    uint64_t lo, hi;  // blocks 0-3 and 4-7, 16 bits each
+    __builtin_memcpy(&lo, kept, 8);
+    __builtin_memcpy(&hi, kept + 4, 8);
     for (int row = 0; row < 4; ++row) {
-      uint32_t keep = 0;
-      for (int l = 0; l < 8; ++l) keep |= uint32_t(kept[l] >> (4 * row) & 0xF) << (4 * l);
-      store_row<T>(a, row0 + row * a.cols + 4 * b, keep);
+      const uint64_t nibbles = 0x000F000F000F000Full << (4 * row);  // the row's 4 bits of each block
+      store_row<T>(a, row0 + row * a.cols + 4 * b, uint32_t(_pext_u64(lo, nibbles) | _pext_u64(hi, nibbles) << 16));
     }
-    for (int l = 0; l < 8; ++l)
-      if (lossy >> l & 1) left[count++] = b + l;
+    if (lossy)
+      for (int l = 0; l < 8; ++l)
+        if (lossy >> l & 1) left[count++] = b + l;
   }
   for (; b < blocks; ++b) left[count++] = b;
   return count;
