@@ -186,8 +186,9 @@ at::Tensor sparse_mm_packed_w8a8_cpu(const at::Tensor& x, const at::Tensor& valu
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor v = values.contiguous(), meta = metadata.contiguous(), sc = scales.contiguous();
 
-  // Step 1: each row of x once.
-  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(cols, 1)),
+  // Step 1: each row of x once; in threads only from ~1M elements (it is one pass, cheap beside the GEMM,
+  // and every parallel region costs a hand-off).
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(cols, 1)),
                    [&](int64_t begin, int64_t end) {
     auto quantize = quantize_rows_portable;
 #if NXM_X86_KERNELS
