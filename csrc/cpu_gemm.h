@@ -46,10 +46,10 @@ void gemm_2of4_avx2(const Args& args, int64_t begin, int64_t end);
 // `panel`: per token block and 32-column step, one 1 KiB tile of [16 column pairs][16 tokens][2]
 // (zeros past m_rows and k); the panel holds ceil(m_rows / 16) * ceil(k / 32) * 512 bf16. Then
 // gemm_2of4_bf16_amx computes y[:, begin:end] (begin a multiple of 32) with `scratch`, 64-byte
-// aligned, of 32 * ceil(k / 32) * 32 bf16 for this thread alone.
+// aligned, of 32 KiB + 2 KiB * ceil(m_rows / 16) for this thread alone.
 void pack_x_bf16_amx(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_t k, int64_t token_block,
                      uint16_t* panel);
-void gemm_2of4_bf16_amx(const Args& args, const uint16_t* panel, uint16_t* scratch, int64_t begin, int64_t end);
+void gemm_2of4_bf16_amx(const Args& args, const uint16_t* panel, void* scratch, int64_t begin, int64_t end);
 
 // W8A8 (csrc/cpu_gemm_w8a8*.cpp; specification reference.sparse_mm_int): x quantized per row to
 // int8 codes, kept as code + 128 (uint8, for vpdpbusd's unsigned operand), times int8 or int4 codes.

@@ -4,10 +4,11 @@
 // of x), while dense bf16 runs on AMX: so this kernel runs on AMX too.
 //
 // y^T = W x^T in tiles: A = 16 weight rows x 32 columns of the dense weight, B = x in VNNI pairs
-// (16 column pairs x 16 tokens), C = 16 weight rows x 16 tokens in fp32. Each 32-row weight block is
-// expanded to dense bf16 once (vpexpandw: its 2:4 metadata is the expand mask) into a scratch buffer
-// that stays in L2, then multiplied by every token tile. The weight is read once per call, as in the
-// AVX-512 kernel, and the zeros cost only tile time, which AMX has plenty of.
+// (16 column pairs x 16 tokens), C = 16 weight rows x 16 tokens in fp32. A 32-row weight block is
+// expanded to dense bf16 16 steps (512 columns) at a time (vpexpandw: its 2:4 metadata is the expand
+// mask) into 32 KiB that stay in L1, and multiplied there by every token tile, whose C tiles wait in
+// scratch between chunks. The weight is read once per call, as in the AVX-512 kernel, and the zeros
+// cost only tile time, which AMX has plenty of.
 //
 // Expansion puts a group's two kept values at its two indices in ascending order: the packed layout
 // stores them so (layouts/packed.py checks it at load). Tile products are fp32 FMAs with bf16
@@ -25,6 +26,7 @@ namespace {
 constexpr int kTile = 16;  // rows of an A tile, tokens of a B tile
 constexpr int kStep = 32;  // weight columns per tile step (16 bf16 pairs)
 constexpr int kTileElems = 512;  // bf16 in one 1 KiB tile
+constexpr int kChunk = 16;  // steps expanded at a time
 
 struct TileConfig {  // the 64-byte operand of ldtilecfg, palette 1
   uint8_t palette = 1;
@@ -52,48 +54,47 @@ inline __m512i expand_masks(__m512i meta) {
   return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));  // table entries < 16: no carry across bytes
 }
 
-// Weight rows [row0, row0 + 32) as dense bf16 A tiles: scratch[half][step][16 rows][32 columns], rows
-// at or past `end` and columns past k zero.
-void expand_block(const Args& a, int64_t row0, int64_t end, int64_t steps, uint16_t* scratch) {
+// Steps [s0, s1) (at most 16) of weight rows [row0, row0 + 32) as dense bf16 A tiles into
+// out[half][step - s0][16 rows][32 columns]; rows at or past `end` and columns past k zero.
+void expand_steps(const Args& a, int64_t row0, int64_t end, int64_t steps, int64_t s0, int64_t s1, uint16_t* chunk) {
   const int64_t kept = a.k / 2, full_steps = a.k / kStep;
   const int tail_groups = int(a.k % kStep) / 4;
+  // The masks of the 32 rows first, so that the expansions below run back to back.
+  alignas(64) uint32_t masks[2 * kTile][16];
+  const int64_t bytes = a.meta_stride - 4 * s0;  // 4 metadata bytes per step, the last one partial
+  const __mmask64 load = bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
   for (int r = 0; r < 2 * kTile; ++r) {
-    uint16_t* out = scratch + (r / kTile) * steps * kTileElems + (r % kTile) * kStep;
-    const int64_t row = row0 + r;
-    if (row >= end) {
-      for (int64_t s = 0; s < steps; ++s) _mm512_store_si512(out + s * kTileElems, _mm512_setzero_si512());
-      continue;
-    }
+    const __m512i meta = row0 + r < end ? _mm512_maskz_loadu_epi8(load, a.meta + (row0 + r) * a.meta_stride + 4 * s0)
+                                        : _mm512_set1_epi8(0);
+    _mm512_store_si512(masks[r], row0 + r < end ? expand_masks(meta) : meta);
+  }
+  for (int r = 0; r < 2 * kTile; ++r) {
+    // A row past `end` has mask 0: its expansion is zeros, whatever the load reads (row0 < end).
+    const int64_t row = row0 + r < end ? row0 + r : row0;
     const uint16_t* values = static_cast<const uint16_t*>(a.values) + row * kept;
-    const uint8_t* meta = a.meta + row * a.meta_stride;
-    for (int64_t s0 = 0; s0 < steps; s0 += 16) {
-      const int64_t bytes = a.meta_stride - 4 * s0;  // 4 metadata bytes per step, the last one partial
-      const __mmask64 load = bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
-      alignas(64) uint32_t masks[16];
-      _mm512_store_si512(masks, expand_masks(_mm512_maskz_loadu_epi8(load, meta + 4 * s0)));
-      const int64_t s_end = s0 + 16 < steps ? s0 + 16 : steps;
-      for (int64_t s = s0; s < s_end; ++s) {
-        __m256i v;
-        __mmask32 mask = masks[s - s0];
-        if (s < full_steps) {
-          v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 16 * s));
-        } else {  // the tail: 2 values and 4 columns per remaining group
-          v = _mm256_maskz_loadu_epi16(__mmask16((1u << (2 * tail_groups)) - 1u), values + 16 * s);
-          mask &= (1u << (4 * tail_groups)) - 1u;
-        }
-        _mm512_store_si512(out + s * kTileElems, _mm512_maskz_expand_epi16(mask, _mm512_castsi256_si512(v)));
-      }
+    // The row's next 16 steps (512 bytes of values, 64 of metadata), for the next call: 32 rows
+    // 4 KiB or more apart are more streams than the hardware prefetchers follow.
+    if (s1 < steps) {
+      for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(values + 16 * s1) + 64 * line, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a.meta + row * a.meta_stride + 4 * s1), _MM_HINT_T0);
+    }
+    for (int64_t s = s0; s < s1; ++s) {
+      const bool tail = s >= full_steps;
+      const __m256i v = tail ? _mm256_maskz_loadu_epi16(__mmask16((1u << (2 * tail_groups)) - 1u), values + 16 * s)
+                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 16 * s));
+      const __mmask32 columns = tail ? __mmask32((1u << (4 * tail_groups)) - 1u) : ~__mmask32(0);
+      uint16_t* out = chunk + ((r / kTile) * kChunk + s - s0) * kTileElems + (r % kTile) * kStep;
+      _mm512_store_si512(out, _mm512_maskz_expand_epi16(masks[r][s - s0] & columns, _mm512_castsi256_si512(v)));
     }
   }
 }
 
-// C tile `tile` (16 weight rows x 16 tokens) + bias, rounded to bf16, into y.
-void store_tile(const Args& a, const float (&c)[kTile][kTile], int64_t row0, int64_t rows, int64_t token0,
-                int64_t tokens) {
+// A C tile c[16 weight rows][16 tokens] + bias, rounded to bf16, into y.
+void store_tile(const Args& a, const float* c, int64_t row0, int64_t rows, int64_t token0, int64_t tokens) {
   uint16_t* y = static_cast<uint16_t*>(a.y);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t r = 0; r < rows; ++r)
-      y[(token0 + t) * a.y_stride + row0 + r] = to_bf16_bits(c[r][t] + (a.bias ? a.bias[row0 + r] : 0.0f));
+      y[(token0 + t) * a.y_stride + row0 + r] = to_bf16_bits(c[r * kTile + t] + (a.bias ? a.bias[row0 + r] : 0.0f));
 }
 
 }  // namespace
@@ -112,7 +113,7 @@ void pack_x_bf16_amx(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_
   }
 }
 
-void gemm_2of4_bf16_amx(const Args& a, const uint16_t* panel, uint16_t* scratch, int64_t begin, int64_t end) {
+void gemm_2of4_bf16_amx(const Args& a, const uint16_t* panel, void* scratch, int64_t begin, int64_t end) {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {  // 0-3: C, 4-5: A (weight), 6-7: B (x)
     config.rows[t] = kTile;
@@ -120,48 +121,55 @@ void gemm_2of4_bf16_amx(const Args& a, const uint16_t* panel, uint16_t* scratch,
   }
   _tile_loadconfig(&config);
   const int64_t steps = (a.k + kStep - 1) / kStep, token_blocks = (a.m_rows + kTile - 1) / kTile;
-  alignas(64) float c[kTile][kTile];
+  uint16_t* chunk = static_cast<uint16_t*>(scratch);  // [2][kChunk] A tiles
+  float* c = reinterpret_cast<float*>(chunk + 2 * kChunk * kTileElems);  // [token block][2][16][16]
   for (int64_t row0 = begin; row0 < end; row0 += 2 * kTile) {
-    expand_block(a, row0, end, steps, scratch);
-    const uint16_t* a0 = scratch;
-    const uint16_t* a1 = scratch + steps * kTileElems;
-    for (int64_t tb = 0; tb < token_blocks; tb += 2) {
-      const bool two = tb + 1 < token_blocks;
-      const uint16_t* b0 = panel + tb * steps * kTileElems;
-      const uint16_t* b1 = b0 + steps * kTileElems;
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t s = 0; s < steps; ++s) {
-        _tile_loadd(4, a0 + s * kTileElems, 64);
-        _tile_loadd(5, a1 + s * kTileElems, 64);
-        _tile_loadd(6, b0 + s * kTileElems, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 5, 6);
+    for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
+      const int64_t s1 = s0 + kChunk < steps ? s0 + kChunk : steps;
+      expand_steps(a, row0, end, steps, s0, s1, chunk);
+      for (int64_t tb = 0; tb < token_blocks; tb += 2) {  // two token tiles at a time
+        const bool two = tb + 1 < token_blocks;
+        float* c0 = c + tb * 2 * kTile * kTile;  // then c0 + 256: rows 16-31; c0 + 512, + 768: tb + 1
+        const uint16_t* b0 = panel + tb * steps * kTileElems;
+        const uint16_t* b1 = b0 + steps * kTileElems;
+        if (s0 == 0) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+        } else {
+          _tile_loadd(0, c0, 64);
+          _tile_loadd(1, c0 + 256, 64);
+          if (two) {
+            _tile_loadd(2, c0 + 512, 64);
+            _tile_loadd(3, c0 + 768, 64);
+          }
+        }
+        for (int64_t s = s0; s < s1; ++s) {
+          _tile_loadd(4, chunk + (s - s0) * kTileElems, 64);
+          _tile_loadd(5, chunk + (kChunk + s - s0) * kTileElems, 64);
+          _tile_loadd(6, b0 + s * kTileElems, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 5, 6);
+          if (two) {
+            _tile_loadd(7, b1 + s * kTileElems, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+        }
+        _tile_stored(0, c0, 64);
+        _tile_stored(1, c0 + 256, 64);
         if (two) {
-          _tile_loadd(7, b1 + s * kTileElems, 64);
-          _tile_dpbf16ps(2, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
+          _tile_stored(2, c0 + 512, 64);
+          _tile_stored(3, c0 + 768, 64);
         }
       }
-      const int64_t rows0 = end - row0 < kTile ? end - row0 : kTile;
-      const int64_t rows1 = end - row0 - kTile < kTile ? end - row0 - kTile : kTile;
-      const int64_t tokens0 = a.m_rows - tb * kTile < kTile ? a.m_rows - tb * kTile : kTile;
-      _tile_stored(0, c, 64);
-      store_tile(a, c, row0, rows0, tb * kTile, tokens0);
-      if (rows1 > 0) {
-        _tile_stored(1, c, 64);
-        store_tile(a, c, row0 + kTile, rows1, tb * kTile, tokens0);
-      }
-      if (two) {
-        const int64_t tokens1 = a.m_rows - (tb + 1) * kTile < kTile ? a.m_rows - (tb + 1) * kTile : kTile;
-        _tile_stored(2, c, 64);
-        store_tile(a, c, row0, rows0, (tb + 1) * kTile, tokens1);
-        if (rows1 > 0) {
-          _tile_stored(3, c, 64);
-          store_tile(a, c, row0 + kTile, rows1, (tb + 1) * kTile, tokens1);
-        }
+    }
+    for (int64_t tb = 0; tb < token_blocks; ++tb) {
+      const int64_t tokens = a.m_rows - tb * kTile < kTile ? a.m_rows - tb * kTile : kTile;
+      for (int half = 0; half < 2 && row0 + half * kTile < end; ++half) {
+        const int64_t rows = end - row0 - half * kTile < kTile ? end - row0 - half * kTile : kTile;
+        store_tile(a, c + (tb * 2 + half) * kTile * kTile, row0 + half * kTile, rows, tb * kTile, tokens);
       }
     }
   }
