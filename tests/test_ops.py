@@ -76,7 +76,8 @@ def python_op_cases():
     layer = nxm.SparseLinear.from_dense(torch.nn.Linear(30, 10).half(), "2:4", layout="packed")
     xl = torch.randn(3, 30).half().requires_grad_()
     qw = nxm.compress(w, "2:4", bits=4, group_size=32, backend="reference")  # int4 codes, fp32 scales
-    quantized = [("nxm::sparse_mm_packed_q", (x[0].detach(), qw.values, qw.metadata, qw.scales, bias, 2, 4, 4, 32))]
+    quantized = [("nxm::sparse_mm_packed_q", (x[0].detach(), qw.values, qw.metadata, qw.scales, bias, 2, 4, 4, 32)),
+                 ("nxm::sparse_mm_packed_w8a8", (x[0].detach(), qw.values, qw.metadata, qw.scales, bias, 2, 4, 4, 32))]
     selections = [("nxm::select_2of4t", (w, None, False)),  # 2:4t (csrc/cpu_transposable.cpp)
                   ("nxm::select_2of4t", (w.float(), w.double().square(), True))]
     return (quantized + selections if _extension.unavailable_reason() is None else []) + [

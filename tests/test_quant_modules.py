@@ -54,10 +54,14 @@ def test_opcheck_native_quantized_gemm():
     torch.library.opcheck(torch.ops.nxm.sparse_mm_packed_q.default, args)
 
 
-def test_w8a8_runs_on_the_reference_and_others_refuse():
+def test_w8a8_runs_where_declared_and_others_refuse():
+    from nxm_kernels import dispatch
+
     sw = nxm.compress(torch.randn(8, 64), "2:4", bits=8)
-    with pytest.raises(nxm.BackendNotSupported, match="does not quantize activations to 8 bits"):
-        nxm.sparse_mm(torch.randn(2, 64), sw, act_bits=8, backend="native")
+    x = torch.randn(2, 64)
+    assert dispatch.get_backend("native").supports["sparse_mm"].act_bits == (None, 8)  # tests/test_w8a8.py
+    why = dispatch.get_backend("triton").not_supported_reasons("sparse_mm", x=x, sw=sw, bias=None, act_bits=8)
+    assert "does not quantize activations to 8 bits" in "; ".join(why)
 
 
 @pytest.mark.parametrize("bits,group_size,act_bits", [(8, None, None), (4, 32, None), (8, 64, 8), (4, None, 8)])
