@@ -30,6 +30,7 @@ CUSPARSELT_RPATH = "$ORIGIN/../nvidia/cusparselt/lib"  # _C sits in site-package
 ISA_SOURCES = {
     "csrc/cpu_gemm_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "csrc/cpu_gemm_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
+    "csrc/cpu_block_gemm_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"],
     "csrc/cpu_transposable_avx512.cpp": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mf16c", "-mbmi2"],
     # W8A8: exact fp32 epilogue, so no fused multiply-adds (-ffp-contract=off)
     "csrc/cpu_gemm_w8a8_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi",

@@ -3,20 +3,26 @@
 // at bit i%8 of byte i//8), or, for a mask library, a mask number into a table of such bitmaps.
 // Specification: reference.sparse_mm. Schema of sparse_mm_block: nxm_kernels/_ops.py.
 //
-// Threads take whole block rows (R output rows). A block row is decoded once into, per output row,
-// the list of its kept columns and their values in fp32; then each output row is a sparse dot product
-// with every row of x (fp32, converted once per call), four rows of x at a time so that each decoded
-// entry is read once per four products. Accumulation in fp32 with eight partial sums per row (as
-// the packed GEMM's portable kernel, csrc/cpu_gemm.cpp), rounded once to the output dtype.
+// Threads take whole block rows (R output rows). Kernels (chosen at run time):
+//   avx512    4x4 blocks in cpu_block_gemm_avx512.cpp: one vexpandps decodes a block into a register
+//   portable  every block here: a block row is decoded once into, per output row, the list of its
+//             kept columns and their values in fp32; then each output row is a sparse dot product
+//             with every row of x, four rows of x at a time so that each decoded entry is read once
+//             per four products, with eight partial sums per row (as csrc/cpu_gemm.cpp's portable
+//             kernel).
+// Both take x in fp32 (converted once per call), accumulate in fp32 and round once to the output dtype.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <vector>
 
+#include "cpu_gemm.h"
 #include "op_common.h"
 
 namespace nxm {
@@ -26,21 +32,30 @@ constexpr const char* kOp = "nxm::sparse_mm_block";
 constexpr int kLanes = 8;    // partial sums per product
 constexpr int kXRows = 4;    // rows of x per pass over a decoded weight row
 
-struct BlockGemm {
-  const float* x;            // [m_rows, k] fp32, contiguous
-  int64_t m_rows, k;
-  int64_t rows, cols, kept;  // the block: rows x cols entries, kept of them
-  int64_t bitmap_bytes;
-  const void* values;        // [n / rows, (k / cols) * kept] of the output dtype
-  const uint8_t* bitmaps;    // [n / rows, (k / cols) * bitmap_bytes] (no library), or
-  const void* numbers;       // [n / rows, k / cols] uint8 or int16 mask numbers into
-  bool numbers_int16;
-  const uint8_t* masks;      //   masks [mask_count, bitmap_bytes]
-  int64_t mask_count;
-  const float* bias;         // [n] fp32, or nullptr
-  void* y;                   // [m_rows, n] of the output dtype
-  int64_t n;
-};
+using BlockGemm = cpu_block_gemm::Args;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NXM_X86_KERNELS 1
+#else
+#define NXM_X86_KERNELS 0
+#endif
+
+// The AVX-512 kernel on CPUs that have it, unless NXM_CPU_ISA (read at every call, as the packed GEMM
+// does) asks for a lower set: this op has no AVX2 kernel, so "avx2" runs the portable one.
+bool use_avx512() {
+  static const bool has = [] {
+#if NXM_X86_KERNELS
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+#else
+    return false;
+#endif
+  }();
+  const char* env = std::getenv("NXM_CPU_ISA");
+  const std::string name = env ? env : "";
+  return has && name != "portable" && name != "avx2";
+}
 
 // The bitmap of block (block_row, block_col); nullptr for a mask number outside the library (only in
 // unchecked corrupt metadata: that block contributes nothing).
@@ -148,21 +163,30 @@ at::Tensor sparse_mm_block_cpu(const at::Tensor& x, const at::Tensor& values, co
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   if (y.numel() == 0) return y;
 
+  const bool simd = NXM_X86_KERNELS && block_rows == 4 && block_cols == 4 && use_avx512();
+  // The SIMD kernel writes fp32, rounded once to the output dtype below.
+  at::Tensor y32 = simd && t != at::kFloat ? at::empty({x.size(0), n}, x.options().dtype(at::kFloat)) : y;
+  const cpu_gemm::Dtype dtype = t == at::kFloat ? cpu_gemm::Dtype::kFloat32
+                                : t == at::kBFloat16 ? cpu_gemm::Dtype::kBFloat16 : cpu_gemm::Dtype::kFloat16;
   BlockGemm g{x32.const_data_ptr<float>(), x.size(0), k, block_rows, block_cols, kept, bitmap_bytes,
-              v.const_data_ptr(), masks ? nullptr : meta.const_data_ptr<uint8_t>(),
+              v.const_data_ptr(), dtype, masks ? nullptr : meta.const_data_ptr<uint8_t>(),
               masks ? meta.const_data_ptr() : nullptr, meta.scalar_type() == at::kShort,
               masks ? table.const_data_ptr<uint8_t>() : nullptr, masks ? table.size(0) : 0,
-              bias ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), n};
+              bias ? bias32.const_data_ptr<float>() : nullptr, y32.mutable_data_ptr(), n};
   // Tasks of at least ~64K multiply-adds, so that the thread hand-off stays small on a small layer.
   const int64_t work_per_block_row = std::max<int64_t>(1, x.size(0) * k * kept / block_cols);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / work_per_block_row);
   at::parallel_for(0, grid_rows, grain, [&](int64_t begin, int64_t end) {
+#if NXM_X86_KERNELS
+    if (simd) return cpu_block_gemm::gemm_4x4_avx512(g, begin, end);
+#endif
     switch (t) {
       case at::kFloat: return gemm_block_rows<float>(g, begin, end);
       case at::kBFloat16: return gemm_block_rows<c10::BFloat16>(g, begin, end);
       default: return gemm_block_rows<c10::Half>(g, begin, end);
     }
   });
+  if (y32.data_ptr() != y.data_ptr()) y.copy_(y32);
   return y;
 }
 

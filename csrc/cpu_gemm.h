@@ -85,6 +85,37 @@ void gemm_2of4_w8a8_avx512(const W8A8Args& args, int64_t begin, int64_t end, voi
 }  // namespace cpu_gemm
 }  // namespace nxm
 
+// The GEMM of the block layout (csrc/cpu_block_gemm.cpp): y = x @ W^T (+ bias) for W of R x C blocks
+// that keep `kept` entries each, stored as their values in row-major order plus a bitmap, or a mask
+// number into a table of bitmaps (a mask library).
+namespace nxm {
+namespace cpu_block_gemm {
+
+struct Args {
+  const float* x;            // [m_rows, k] fp32, contiguous
+  int64_t m_rows, k;
+  int64_t rows, cols, kept;  // the block: rows x cols entries, kept of them
+  int64_t bitmap_bytes;      // entry i at bit i % 8 of byte i / 8
+  const void* values;        // [n / rows, (k / cols) * kept] of `dtype`
+  cpu_gemm::Dtype dtype;     // of the values and y
+  const uint8_t* bitmaps;    // [n / rows, (k / cols) * bitmap_bytes] (no library), or
+  const void* numbers;       // [n / rows, k / cols] uint8 or int16 mask numbers into
+  bool numbers_int16;
+  const uint8_t* masks;      //   masks [mask_count, bitmap_bytes]
+  int64_t mask_count;
+  const float* bias;         // [n] fp32, or nullptr
+  void* y;                   // [m_rows, n] of `dtype` (the AVX-512 kernel: fp32)
+  int64_t n;
+};
+
+// Block rows [begin, end) of a weight of 4x4 blocks: each block expanded from its kept values into a
+// register (vexpandps under its bitmap), then multiplied with 4 columns of up to 8 rows of x at a time.
+// AVX-512 F/BW/VL.
+void gemm_4x4_avx512(const Args& args, int64_t begin, int64_t end);
+
+}  // namespace cpu_block_gemm
+}  // namespace nxm
+
 // The exact 2:4t selection (csrc/cpu_transposable.cpp), whose SIMD kernel shares the ISA files' rules.
 namespace nxm {
 namespace cpu_transposable {

@@ -94,10 +94,28 @@ def native_block_gemm():
         pytest.skip("nxm_kernels._C predates csrc/cpu_block_gemm.cpp: rebuild it")
 
 
+@pytest.fixture(params=["avx512", "portable"])
+def isa(request, monkeypatch):
+    """The kernel NXM_CPU_ISA asks for: AVX-512 (4x4 blocks; the portable one for other blocks, and
+    on CPUs without AVX-512) or the portable one."""
+    native_block_gemm()
+    if request.param == "avx512" and torch.ops.nxm.cpu_isa() not in ("avx512", "amx"):
+        pytest.skip(f"this CPU runs up to {torch.ops.nxm.cpu_isa()}")
+    monkeypatch.setenv("NXM_CPU_ISA", request.param)
+    return request.param
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_native_block_gemm_is_exact(kind, dtype):
-    native_block_gemm()
+def test_native_block_gemm_is_exact(kind, dtype, isa):
     pattern = as_pattern(kind)
     grid = (40 // pattern.block[0], 72 // pattern.block[1])
     w, x, bias = exact_operands(pattern, grid, 17, dtype, seed=len(str(kind)))
@@ -107,21 +125,21 @@ def test_native_block_gemm_is_exact(kind, dtype):
         assert torch.equal(y, nxm.sparse_mm(x, sw, b, backend="reference")), (kind, dtype, b is None)
 
 
-@pytest.mark.parametrize("kind", ["8:4x4", LIBRARY], ids=str)
-@pytest.mark.parametrize("m_rows", [1, 6, 64])
-def test_native_block_gemm_random_values_and_threads(kind, m_rows):
-    native_block_gemm()
+@pytest.mark.parametrize("kind", ["8:4x4", "4:4x4", LIBRARY], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m_rows", [1, 3, 6, 8, 15, 64])
+def test_native_block_gemm_random_values_and_threads(kind, dtype, m_rows, isa, threads):
+    # 84 block rows: groups of 8 and a ragged one; M: tiles of 8, 4, 2 and 1 rows of x
     g = torch.Generator().manual_seed(m_rows)
-    w = torch.randn(256, 512, generator=g)
-    x = torch.randn(m_rows, 512, generator=g)
-    bias = torch.randn(256, generator=g)
+    w = torch.randn(336, 512, generator=g).to(dtype)
+    x = torch.randn(m_rows, 512, generator=g).to(dtype)
+    bias = torch.randn(336, generator=g).to(dtype)
     sw = nxm.compress(w, kind, "block")
     assert_matmul_close(nxm.sparse_mm(x, sw, bias, backend="native"), x, nxm.decompress(sw), bias)
     assert nxm.dispatch.select("sparse_mm", None, dict(x=x, sw=sw, bias=bias)).name == "native"  # auto on CPU
 
 
-def test_native_block_gemm_skips_corrupt_mask_numbers_and_refuses_bad_shapes():
-    native_block_gemm()
+def test_native_block_gemm_skips_corrupt_mask_numbers_and_refuses_bad_shapes(isa):
     sw = nxm.compress(torch.randn(8, 16), LIBRARY, "block")
     masks = library_bitmaps(sw.pattern, sw.values.device)
     numbers = sw.metadata.clone()
