@@ -41,7 +41,7 @@ struct Args {
 void gemm_2of4_avx512(const Args& args, int64_t begin, int64_t end);
 void gemm_2of4_avx2(const Args& args, int64_t begin, int64_t end);
 
-// bf16 2:4 on AMX tiles (cpu_gemm_bf16_amx.cpp), for M > 8; reads `values` and `meta` of args, not
+// bf16 2:4 on AMX tiles (cpu_gemm_bf16_amx.cpp), for M > 4; reads `values` and `meta` of args, not
 // its fp32 x. First pack_x_bf16_amx writes token block `token_block` (16 rows of the bf16 x) into
 // `panel`: per token block and 32-column step, one 1 KiB tile of [16 column pairs][16 tokens][2]
 // (zeros past m_rows and k); the panel holds ceil(m_rows / 16) * ceil(k / 32) * 512 bf16. Then
@@ -50,6 +50,10 @@ void gemm_2of4_avx2(const Args& args, int64_t begin, int64_t end);
 void pack_x_bf16_amx(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_t k, int64_t token_block,
                      uint16_t* panel);
 void gemm_2of4_bf16_amx(const Args& args, const uint16_t* panel, void* scratch, int64_t begin, int64_t end);
+
+// bf16 2:4 with AVX-512 BF16 (cpu_gemm_bf16_avx512.cpp), for M <= 4 (any M without AMX): reads the
+// bf16 x (unit column stride, row stride x_stride) instead of args.x.
+void gemm_2of4_bf16_avx512(const Args& args, const uint16_t* x, int64_t x_stride, int64_t begin, int64_t end);
 
 // W8A8 (csrc/cpu_gemm_w8a8*.cpp; specification reference.sparse_mm_int): x quantized per row to
 // int8 codes, kept as code + 128 (uint8, for vpdpbusd's unsigned operand), times int8 or int4 codes.

@@ -1,5 +1,5 @@
 """The native CPU sparse GEMM (csrc/cpu_gemm*.cpp) against the reference: every kernel this CPU runs
-(AMX, AVX-512, AVX2, portable, forced through NXM_CPU_ISA), patterns, dtypes, M from 1 to 300, tails
+(AMX, AVX-512 BF16, AVX-512, AVX2, portable, forced through NXM_CPU_ISA), patterns, dtypes, M from 1 to 300, tails
 of K and of the output rows, strided and batched x, bias, and 1 or 2 threads."""
 
 from pathlib import Path
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
     _extension.unavailable_reason() is not None, reason=f"no usable _C: {_extension.unavailable_reason()}"
 )
 
-ISAS = ("amx", "avx512", "avx2", "portable")  # best first
+ISAS = ("amx", "avx512bf16", "avx512", "avx2", "portable")  # best first
 GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -73,15 +73,17 @@ def test_2of4_every_kernel(isa, dtype, shape):
         check(native_mm(x, sw, bias), x, sw, bias)
 
 
-# The AMX kernel (bf16 2:4 from M = 9): token tiles of 16 and their remainders, pairs of token tiles
-# and a lone one, 32-row weight blocks and a remainder of 1 to 31 rows, K with and without a tail
-# of 1 to 7 groups, and metadata rows whose 64-byte chunks end mid-row.
-@pytest.mark.parametrize("shape", [(64, 128), (37, 100), (50, 2084), (1, 36), (95, 580)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_2of4_bf16_from_m9(isa, threads, shape):
+# bf16 2:4 at every M from 1 to 9 and beyond: the AVX-512 BF16 kernel (x tiles of 4 and their
+# remainders) and the AMX kernel (from M = 5: token tiles of 16 and their remainders, pairs of token
+# tiles and a lone one, 32-row weight blocks and a remainder of 1 to 31 rows); K whole and with tails
+# of 1, 6, 7 groups (32-column steps) and 9 groups (64-column steps), metadata rows whose 64-byte
+# chunks end mid-row.
+@pytest.mark.parametrize("shape", [(64, 128), (37, 100), (50, 2076), (1, 36), (95, 600)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_2of4_bf16_every_m(isa, threads, shape):
     gen = torch.Generator().manual_seed(shape[0] + shape[1])
     sw = nxm.compress(torch.randn(shape, generator=gen).to(torch.bfloat16), "2:4", layout="packed")
     bias = torch.randn(shape[0], generator=gen).to(torch.bfloat16)
-    for rows in (9, 16, 17, 32, 33, 48, 64, 100, 300):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 32, 33, 48, 64, 100, 300):
         x = torch.randn(rows, shape[1], generator=gen).to(torch.bfloat16)
         check(native_mm(x, sw, bias if rows % 2 else None), x, sw, bias if rows % 2 else None)
 
@@ -121,7 +123,7 @@ def test_strided_and_batched_x_through_sparse_mm(isa, dtype):
     assert y.shape == (3, 5, 40)
     check(y.reshape(15, 40), batched.reshape(15, 160), sw, bias)
     columns_strided = torch.randn(320, 20, generator=gen).to(dtype)[::2].t()  # [20, 160], strides (1, 40)
-    every_other_row = torch.randn(12, 160, generator=gen).to(dtype)[::2]  # row stride 320
+    every_other_row = torch.randn(6, 160, generator=gen).to(dtype)[::2]  # 3 rows, row stride 320
     for x in (columns_strided, every_other_row):
         assert not x.is_contiguous()
         check(nxm.sparse_mm(x, sw, None, backend="native"), x.contiguous(), sw, None)
@@ -142,7 +144,7 @@ def test_errors_name_the_problem(monkeypatch):
         sw8 = nxm.compress(torch.randint(-9, 9, (8, 64), dtype=torch.int8), "2:4", layout="packed")
         native_mm(torch.randint(-9, 9, (2, 64), dtype=torch.int8), sw8)
     monkeypatch.setenv("NXM_CPU_ISA", "sse9")
-    with pytest.raises(RuntimeError, match="unknown NXM_CPU_ISA=sse9: choose auto, amx, avx512, avx2 or portable"):
+    with pytest.raises(RuntimeError, match="unknown NXM_CPU_ISA=sse9: choose auto, amx, avx512bf16, avx512, avx2 or portable"):
         native_mm(torch.randn(2, 64), sw)
 
 
@@ -156,8 +158,11 @@ def test_cpu_isa_follows_the_cpu_flags():
             flags = set(line.split(":", 1)[1].split())
             break
     # Linux lists amx_* only where it enables the tile state, which the kernel then requests.
-    if {"avx512f", "avx512bw", "avx512vl", "avx512_vbmi2", "amx_tile", "amx_bf16"} <= flags:
+    avx512bf16 = {"avx512f", "avx512bw", "avx512vl", "avx512vbmi", "avx512_bf16"}
+    if avx512bf16 | {"avx512_vbmi2", "amx_tile", "amx_bf16"} <= flags:
         expected = "amx"
+    elif avx512bf16 <= flags:
+        expected = "avx512bf16"
     elif {"avx512f", "avx512bw", "avx512vl"} <= flags:
         expected = "avx512"
     elif {"avx2", "fma", "f16c"} <= flags:
