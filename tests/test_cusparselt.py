@@ -464,3 +464,30 @@ def test_wrapper_w8a8_equals_the_reference_bit_for_bit(emulated_library, dtype, 
                         float_dtype=dtype)
     y = cusparselt.BACKEND.sparse_mm(x, sw, bias, act_bits=8)
     assert torch.equal(y, nxm.sparse_mm(x, packed, bias, act_bits=8, backend="reference"))
+
+
+def test_w8a8_end_to_end_through_dispatch(emulated_library, monkeypatch):
+    """compress(bits=8, layout='cusparselt') -> decompress and auto-dispatched W8A8, with the emulated
+    kernels standing in for the GPU (the backend told that CPU tensors are its device here)."""
+    import dataclasses
+
+    backend = cusparselt.BACKEND
+    monkeypatch.setattr(backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(backend, "device_problems", lambda device, dtype: [])
+    monkeypatch.setattr(backend, "auto_devices", None)
+    monkeypatch.setattr(backend, "supports", {op: dataclasses.replace(s, devices=("cpu",))
+                                              for op, s in backend.supports.items()})
+    monkeypatch.setattr(dispatch, "_SELECTED", {})
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 128, generator=g).to(torch.bfloat16)
+    sw = nxm.compress(w, "2:4", layout="cusparselt", bits=8)
+    packed = nxm.compress(w, "2:4", bits=8)
+    assert str(sw.encoding) == "int8" and sw.values.dtype == torch.int8 and torch.equal(sw.scales, packed.scales)
+    assert torch.equal(nxm.decompress(sw), nxm.decompress(packed))
+    x, bias = torch.randn(5, 128, generator=g).to(torch.bfloat16), torch.randn(64, generator=g).to(torch.bfloat16)
+    assert dispatch.select("sparse_mm", None, {"x": x, "sw": sw, "bias": bias, "act_bits": 8}).name == "cusparselt"
+    assert torch.equal(nxm.sparse_mm(x, sw, bias, act_bits=8),
+                       nxm.sparse_mm(x, packed, bias, act_bits=8, backend="reference"))
+    grouped = nxm.compress(w, "2:4", layout="cusparselt", bits=8, group_size=64)
+    with pytest.raises(nxm.BackendNotSupported, match=r"cusparselt: .*per-group scales \(int8-g64\)"):
+        nxm.sparse_mm(x, grouped, act_bits=8)

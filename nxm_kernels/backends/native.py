@@ -50,7 +50,7 @@ class NativeBackend(Backend):
             layouts=("packed", "block"), dtypes=(torch.float32, torch.bfloat16, torch.float16), devices=("cpu",),
             encodings=("float", "int8", "int4"), act_bits=(None, 8), kinds=("row", "block", "library"),
             advice="the native GEMM reads layouts 'packed' and 'block' on CPU and multiplies float types (int8/int4 "
-                   "weights with float activations, packed only): use another backend for the rest",
+                   "weights with float or per-token int8 activations, packed only): use another backend for the rest",
         ),
     }
     auto_devices = DEVICES
