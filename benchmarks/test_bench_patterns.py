@@ -6,7 +6,7 @@ csrc/cpu_transposable*.cpp); 8:4x4 and the library on their exact search (``nxm_
 8:4x4 and the library in ``block``.
 
 And ``sparse_mm`` of the ``block`` layout (auto: the native CPU GEMM, the Triton one on a GPU)
-against dense ``F.linear`` on the decompressed weight, at M = 1 and 64, beside the bytes ratio
+against dense ``F.linear`` on the decompressed weight, at M = 1, 8 and 64, beside the bytes ratio
 (dense bytes / values + metadata bytes), the limit where both stream their weight."""
 
 import functools
@@ -73,7 +73,7 @@ def test_select(benchmark, profile, case):
 BLOCK_KINDS = ("8:4x4", LIBRARY)
 
 
-@pytest.mark.parametrize("m", (1, 64), ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("m", (1, 8, 64), ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=cases.dtype_name)
 @pytest.mark.parametrize("kind", BLOCK_KINDS, ids=lambda k: "library" if k == LIBRARY else k)
 def test_block_sparse_mm(benchmark, profile, kind, dtype, m):

@@ -21,21 +21,31 @@ namespace {
 using cpu_gemm::Dtype;
 
 constexpr int kTile = 8;  // rows of x per pass over a block row
+constexpr int64_t kPrefetchBytes = 2048;
 
-// The bitmap of block (block_row, block_col); 0 (nothing kept) for a mask number outside the
-// library (only in unchecked corrupt metadata).
-inline __mmask16 bitmap_of(const Args& g, int64_t at) {
-  const uint8_t* bits;
-  if (g.masks == nullptr) {
-    bits = g.bitmaps + at * 2;
-  } else {
-    const int64_t number = g.numbers_int16 ? int64_t(static_cast<const int16_t*>(g.numbers)[at])
-                                           : int64_t(static_cast<const uint8_t*>(g.numbers)[at]);
-    if (number < 0 || number >= g.mask_count) return 0;
-    bits = g.masks + number * 2;
+// Bitmaps of a block row's blocks, read from the metadata as it is: stored bitmaps, or mask numbers
+// (uint8 or int16) into the library's table; 0 (nothing kept) for a number outside the library
+// (only in unchecked corrupt metadata).
+struct StoredBitmaps {
+  const uint16_t* bits;  // of the block row's first block (2 bytes each, little-endian)
+  __mmask16 operator()(int64_t b) const {
+    uint16_t v;
+    __builtin_memcpy(&v, bits + b, 2);
+    return v;
   }
-  return __mmask16(bits[0] | bits[1] << 8);
-}
+};
+
+template <typename Number>
+struct LibraryBitmaps {
+  const Number* numbers;  // of the block row's first block
+  const uint8_t* masks;
+  int64_t count;
+  __mmask16 operator()(int64_t b) const {
+    const int64_t n = int64_t(numbers[b]);
+    if (n < 0 || n >= count) return 0;
+    return __mmask16(masks[2 * n] | masks[2 * n + 1] << 8);
+  }
+};
 
 // The first `kept` lanes: a block's stored values as fp32.
 template <Dtype T>
@@ -50,11 +60,11 @@ inline __m512 load_kept(const void* values, int64_t at, __mmask16 lanes) {
 }
 
 // Rows i0 .. i0 + R - 1 of x times block row `block_row`.
-template <Dtype T, int R>
-void tile(const Args& g, int64_t block_row, int64_t i0) {
-  const int64_t grid_cols = g.k / 4;
-  const __mmask16 lanes = __mmask16((1u << g.kept) - 1);
-  const int64_t first = block_row * grid_cols;  // the block row's first block
+template <Dtype T, int R, typename Bitmaps>
+void tile(const Args& g, const Bitmaps& bitmap, int64_t block_row, int64_t i0) {
+  const int64_t grid_cols = g.k / 4, kept = g.kept;
+  const __mmask16 lanes = __mmask16((1u << kept) - 1);
+  const char* values = static_cast<const char*>(g.values) + block_row * grid_cols * kept * (T == Dtype::kFloat32 ? 4 : 2);
   const float* x[R];
   for (int i = 0; i < R; ++i) x[i] = g.x + (i0 + i) * g.k;
   // U blocks per step, each into its own sums: at least 4 independent FMA chains (their latency).
@@ -63,13 +73,18 @@ void tile(const Args& g, int64_t block_row, int64_t i0) {
   for (int u = 0; u < U; ++u)
     for (int i = 0; i < R; ++i) acc[u][i] = _mm512_setzero_ps();
   auto step = [&](int u, int64_t b) {
-    const __m512 w = _mm512_maskz_expand_ps(bitmap_of(g, first + b), load_kept<T>(g.values, (first + b) * g.kept, lanes));
+    const __m512 w = _mm512_maskz_expand_ps(bitmap(b), load_kept<T>(values, b * kept, lanes));
     for (int i = 0; i < R; ++i)
       acc[u][i] = _mm512_fmadd_ps(w, _mm512_broadcast_f32x4(_mm_loadu_ps(x[i] + 4 * b)), acc[u][i]);
   };
+  constexpr int64_t kSize = T == Dtype::kFloat32 ? 4 : 2;
   int64_t b = 0;
-  for (; b + U <= grid_cols; b += U)
+  for (; b + U <= grid_cols; b += U) {
+    // The weight streams from memory once per call: ask for it ahead of the hardware prefetcher.
+    for (int64_t at = b * kept * kSize; at < (b + U) * kept * kSize; at += 64)
+      _mm_prefetch(values + at + kPrefetchBytes, _MM_HINT_T0);
     for (int u = 0; u < U; ++u) step(u, b + u);
+  }
   for (; b < grid_cols; ++b) step(0, b);
   for (int i = 0; i < R; ++i) {
     for (int u = 1; u < U; ++u) acc[0][i] = _mm512_add_ps(acc[0][i], acc[u][i]);
@@ -87,19 +102,34 @@ void tile(const Args& g, int64_t block_row, int64_t i0) {
 // while every tile of x passes over it, instead of all of x passing over each block row.
 constexpr int64_t kGroup = 8;
 
+template <Dtype T, typename Bitmaps>
+void block_row_tiles(const Args& g, const Bitmaps& bitmap, int64_t block_row, int64_t i, int64_t end) {
+  if (end - i == kTile) return tile<T, kTile>(g, bitmap, block_row, i);
+  if (end - i >= 4) tile<T, 4>(g, bitmap, block_row, i), i += 4;
+  if (end - i >= 2) tile<T, 2>(g, bitmap, block_row, i), i += 2;
+  if (end - i >= 1) tile<T, 1>(g, bitmap, block_row, i);
+}
+
 template <Dtype T>
 void block_rows(const Args& g, int64_t begin, int64_t end) {
+  const int64_t grid_cols = g.k / 4;
+  auto run = [&](int64_t block_row, int64_t i, int64_t i_end) {
+    const int64_t first = block_row * grid_cols;  // the block row's first block
+    if (g.masks == nullptr) {
+      block_row_tiles<T>(g, StoredBitmaps{reinterpret_cast<const uint16_t*>(g.bitmaps) + first}, block_row, i, i_end);
+    } else if (g.numbers_int16) {
+      block_row_tiles<T>(g, LibraryBitmaps<int16_t>{static_cast<const int16_t*>(g.numbers) + first, g.masks,
+                                                     g.mask_count}, block_row, i, i_end);
+    } else {
+      block_row_tiles<T>(g, LibraryBitmaps<uint8_t>{static_cast<const uint8_t*>(g.numbers) + first, g.masks,
+                                                     g.mask_count}, block_row, i, i_end);
+    }
+  };
   for (int64_t group = begin; group < end; group += kGroup) {
     const int64_t group_end = std::min(group + kGroup, end);
-    int64_t i = 0;
-    for (; i + kTile <= g.m_rows; i += kTile)
-      for (int64_t block_row = group; block_row < group_end; ++block_row) tile<T, kTile>(g, block_row, i);
-    for (int64_t block_row = group; block_row < group_end; ++block_row) {
-      int64_t j = i;
-      if (g.m_rows - j >= 4) tile<T, 4>(g, block_row, j), j += 4;
-      if (g.m_rows - j >= 2) tile<T, 2>(g, block_row, j), j += 2;
-      if (g.m_rows - j >= 1) tile<T, 1>(g, block_row, j);
-    }
+    for (int64_t i = 0; i < g.m_rows; i += kTile)
+      for (int64_t block_row = group; block_row < group_end; ++block_row)
+        run(block_row, i, std::min(i + kTile, g.m_rows));
   }
 }
 

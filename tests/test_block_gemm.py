@@ -151,3 +151,13 @@ def test_native_block_gemm_skips_corrupt_mask_numbers_and_refuses_bad_shapes(isa
     assert_matmul_close(y, x, dense)
     with pytest.raises(RuntimeError, match=r"mask numbers must be uint8 or int16 \[2, 4\]"):
         torch.ops.nxm.sparse_mm_block(x, sw.values, numbers[:, :3], masks, None, 4, 4, 8)
+
+
+def test_native_block_gemm_reads_int16_mask_numbers(isa):
+    g = torch.Generator().manual_seed(0)
+    masks = torch.stack([torch.randperm(16, generator=g).view(4, 4) < 8 for _ in range(300)]).unique(dim=0)
+    library = nxm.Pattern.library(masks)
+    w, x, bias = exact_operands(library, (4, 6), 5, torch.float16, seed=1)
+    sw = nxm.compress(w, library, "block")
+    assert sw.metadata.dtype == torch.int16 and int(sw.metadata.max()) >= 256
+    assert torch.equal(nxm.sparse_mm(x, sw, bias, backend="native"), nxm.sparse_mm(x, sw, bias, backend="reference"))
