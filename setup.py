@@ -36,7 +36,6 @@ ISA_SOURCES = {
     "csrc/cpu_gemm_w8a8_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512vbmi",
                                       "-ffp-contract=off"],
     "csrc/cpu_gemm_bf16_amx.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi2", "-mamx-tile", "-mamx-bf16"],
-    "csrc/cpu_gemm_bf16_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vbmi", "-mavx512bf16"],
 }
 BUILD_ISA_SOURCES = platform.machine().lower() in ("x86_64", "amd64")
 

@@ -3,9 +3,8 @@
 // rows with at::parallel_for (torch.set_num_threads applies). Specification: reference.sparse_mm.
 //
 // Kernels (chosen at run time, never by -march at build time):
-//   amx       bf16 2:4 at M > 8 in cpu_gemm_bf16_amx.cpp (AMX-BF16 tiles, AVX-512 VBMI2), the rest
-//             as avx512bf16
-//   avx512bf16  bf16 2:4 in cpu_gemm_bf16_avx512.cpp (AVX-512 BF16 and VBMI), the rest as avx512
+//   amx       bf16 2:4 at M > 4 in cpu_gemm_bf16_amx.cpp (AMX-BF16 tiles, AVX-512 VBMI2), the rest
+//             as avx512
 //   avx512    2:4 in cpu_gemm_avx512.cpp (AVX-512 F/BW/VL)
 //   avx2      2:4 in cpu_gemm_avx2.cpp (AVX2, FMA, F16C)
 //   portable  every n:m here, plain C++: the fallback, and the path of patterns other than 2:4.
@@ -42,29 +41,15 @@ namespace {
 #define NXM_X86_KERNELS 0
 #endif
 
-enum class Isa { kPortable, kAvx2, kAvx512, kAvx512Bf16, kAmx };
+enum class Isa { kPortable, kAvx2, kAvx512, kAmx };
 
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAmx: return "amx";
-    case Isa::kAvx512Bf16: return "avx512bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "portable";
   }
-}
-
-// AVX-512 BF16 and VBMI (CPUID leaf 7), on a CPU with AVX-512 F/BW/VL.
-bool avx512_bf16_usable() {
-#if NXM_X86_KERNELS
-  unsigned eax, ebx, ecx, edx;
-  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool vbmi = ecx >> 1 & 1;
-  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
-  return vbmi && (eax >> 5 & 1);
-#else
-  return false;
-#endif
 }
 
 // AMX-TILE, AMX-BF16 and AVX-512 VBMI2 (CPUID leaf 7), and Linux's permission to use the tile state,
@@ -88,7 +73,7 @@ Isa best_isa() {
 #if NXM_X86_KERNELS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl"))
-      return !avx512_bf16_usable() ? Isa::kAvx512 : amx_usable() ? Isa::kAmx : Isa::kAvx512Bf16;
+      return amx_usable() ? Isa::kAmx : Isa::kAvx512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
       return Isa::kAvx2;
 #endif
@@ -104,13 +89,13 @@ Isa requested_isa() {
   const char* env = std::getenv("NXM_CPU_ISA");
   const std::string name = env ? env : "";
   if (name.empty() || name == "auto") return best;
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAmx}) {
+  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
     if (name != isa_name(isa)) continue;
     TORCH_CHECK(isa <= best, "nxm::sparse_mm_packed: NXM_CPU_ISA=", name, " needs CPU features this CPU lacks (it runs ",
                 "up to ", isa_name(best), "): unset NXM_CPU_ISA or choose a lower one");
     return isa;
   }
-  TORCH_CHECK(false, "nxm::sparse_mm_packed: unknown NXM_CPU_ISA=", name, ": choose auto, amx, avx512bf16, avx512, avx2 or portable");
+  TORCH_CHECK(false, "nxm::sparse_mm_packed: unknown NXM_CPU_ISA=", name, ": choose auto, amx, avx512, avx2 or portable");
 }
 
 cpu_gemm::Dtype gemm_dtype(at::ScalarType t) {
@@ -189,8 +174,8 @@ void run_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t 
   }
 }
 
-// Rows of x from which bf16 2:4 runs on AMX tiles: below, the AVX-512 BF16 kernel streams the weight
-// at less cost than expanding it for the tiles (measured: benchmarks/RESULTS.md, CPU GEMM).
+// Rows of x from which bf16 2:4 runs on AMX tiles: below, the AVX-512 kernel streams the weight at
+// less cost than expanding it for the tiles (measured: benchmarks/RESULTS.md, CPU GEMM).
 constexpr int64_t kAmxMinRows = 5;
 
 // Tasks of at least ~64K multiply-adds each, so that the thread hand-off stays small against the
@@ -218,9 +203,7 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
 
   // x in fp32 with unit column stride: the kernels read it many times, the conversion costs one pass.
   // (The AMX kernel packs the bf16 x into tiles instead.)
-  const bool bf16_dot = NXM_X86_KERNELS && isa >= Isa::kAvx512Bf16 && t == at::kBFloat16 && code_bits == 0 && n == 2 &&
-                        m == 4 && !amx;
-  const bool x_usable = amx || bf16_dot || (t == at::kFloat && (x.stride(1) == 1 || cols <= 1));
+  const bool x_usable = amx || (t == at::kFloat && (x.stride(1) == 1 || cols <= 1));
   const at::Tensor x32 = x_usable ? x : at::empty({rows, cols}, x.options().dtype(at::kFloat)).copy_(x);
   const at::Tensor bias32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor v = values.contiguous(), meta = metadata.contiguous();
@@ -228,7 +211,7 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
   at::Tensor y = at::empty({rows, out_features}, x.options());
   if (rows == 0 || out_features == 0) return y;
 
-  cpu_gemm::Args args{amx || bf16_dot ? nullptr : x32.const_data_ptr<float>(), x32.stride(0), rows, cols, v.const_data_ptr(),
+  cpu_gemm::Args args{amx ? nullptr : x32.const_data_ptr<float>(), x32.stride(0), rows, cols, v.const_data_ptr(),
                       meta.const_data_ptr<uint8_t>(), meta.size(1), dtype,
                       bias ? bias32.const_data_ptr<float>() : nullptr, y.mutable_data_ptr(), y.stride(0)};
   if (code_bits) {
@@ -258,14 +241,11 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
     });
     return y;
   }
-  const at::Tensor xb = bf16_dot && x.stride(1) != 1 && cols > 1 ? x.contiguous() : x;
-  const auto* x_bf16 = bf16_dot ? reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>()) : nullptr;
 #endif
   // The SIMD kernels read codes on AVX-512, with whole 32-column steps per scale group.
   const bool simd_codes = code_bits == 0 || (isa >= Isa::kAvx512 && group_size % 32 == 0);
   auto kernel = [&](int64_t begin, int64_t end) {
 #if NXM_X86_KERNELS
-    if (bf16_dot) return cpu_gemm::gemm_2of4_bf16_avx512(args, x_bf16, xb.stride(0), begin, end);
     if (n == 2 && m == 4 && simd_codes && isa >= Isa::kAvx512) return cpu_gemm::gemm_2of4_avx512(args, begin, end);
     if (n == 2 && m == 4 && code_bits == 0 && isa == Isa::kAvx2) return cpu_gemm::gemm_2of4_avx2(args, begin, end);
 #endif

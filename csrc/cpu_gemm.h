@@ -51,10 +51,6 @@ void pack_x_bf16_amx(const uint16_t* x, int64_t x_stride, int64_t m_rows, int64_
                      uint16_t* panel);
 void gemm_2of4_bf16_amx(const Args& args, const uint16_t* panel, void* scratch, int64_t begin, int64_t end);
 
-// bf16 2:4 with AVX-512 BF16 (cpu_gemm_bf16_avx512.cpp), for M <= 4 (any M without AMX): reads the
-// bf16 x (unit column stride, row stride x_stride) instead of args.x.
-void gemm_2of4_bf16_avx512(const Args& args, const uint16_t* x, int64_t x_stride, int64_t begin, int64_t end);
-
 // W8A8 (csrc/cpu_gemm_w8a8*.cpp; specification reference.sparse_mm_int): x quantized per row to
 // int8 codes, kept as code + 128 (uint8, for vpdpbusd's unsigned operand), times int8 or int4 codes.
 constexpr int64_t kW8A8Step = 128;  // columns of x per step of the AVX-512 kernel; xq rows are padded to it

@@ -1,7 +1,7 @@
 // AMX kernel of the bf16 2:4 CPU sparse GEMM at M > 4 (AMX-TILE, AMX-BF16, AVX-512 F/BW/VBMI2);
 // compiled with those -m flags and called only where cpu_gemm.cpp found them and Linux granted the
-// tile state. From there the AVX-512 kernels are bound by their permutes (one per 16 or 32 kept
-// values per row of x), while dense bf16 runs on AMX: so this kernel runs on AMX too.
+// tile state. From there the AVX-512 kernel is bound by its permutes (one per 16 kept values per
+// row of x), while dense bf16 runs on AMX: so this kernel runs on AMX too.
 //
 // y^T = W x^T in tiles: A = 16 weight rows x 32 columns of the dense weight, B = x in VNNI pairs
 // (16 column pairs x 16 tokens), C = 16 weight rows x 16 tokens in fp32. A 32-row weight block is
