@@ -26,7 +26,8 @@ namespace {
 constexpr int kTile = 16;  // rows of an A tile, tokens of a B tile
 constexpr int kStep = 32;  // weight columns per tile step (16 bf16 pairs)
 constexpr int kTileElems = 512;  // bf16 in one 1 KiB tile
-constexpr int kChunk = 16;  // steps expanded at a time
+constexpr int kChunk = 8;  // steps expanded at a time
+constexpr int kRowsPerStep = 2 * kTile / kChunk;  // rows of the next chunk expanded per tile step
 
 struct TileConfig {  // the 64-byte operand of ldtilecfg, palette 1
   uint8_t palette = 1;
@@ -54,28 +55,26 @@ inline __m512i expand_masks(__m512i meta) {
   return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));  // table entries < 16: no carry across bytes
 }
 
-// Steps [s0, s1) (at most 16) of weight rows [row0, row0 + 32) as dense bf16 A tiles into
-// out[half][step - s0][16 rows][32 columns]; rows at or past `end` and columns past k zero.
-void expand_steps(const Args& a, int64_t row0, int64_t end, int64_t steps, int64_t s0, int64_t s1, uint16_t* chunk) {
+// Steps [s0, s1) (at most kChunk) of weight rows [row0 + r0, row0 + r1) as dense bf16 A tiles into
+// chunk[half][step - s0][16 rows][32 columns]; rows at or past `end` and columns past k zero.
+void expand_rows(const Args& a, int64_t row0, int64_t end, int64_t steps, int64_t s0, int64_t s1, int r0, int r1,
+                 uint16_t* chunk) {
   const int64_t kept = a.k / 2, full_steps = a.k / kStep;
   const int tail_groups = int(a.k % kStep) / 4;
-  // The masks of the 32 rows first, so that the expansions below run back to back.
-  alignas(64) uint32_t masks[2 * kTile][16];
   const int64_t bytes = a.meta_stride - 4 * s0;  // 4 metadata bytes per step, the last one partial
-  const __mmask64 load = bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << bytes) - 1;
-  for (int r = 0; r < 2 * kTile; ++r) {
-    const __m512i meta = row0 + r < end ? _mm512_maskz_loadu_epi8(load, a.meta + (row0 + r) * a.meta_stride + 4 * s0)
-                                        : _mm512_set1_epi8(0);
-    _mm512_store_si512(masks[r], row0 + r < end ? expand_masks(meta) : meta);
-  }
-  for (int r = 0; r < 2 * kTile; ++r) {
+  const __mmask64 load = bytes >= 4 * kChunk ? (__mmask64(1) << 4 * kChunk) - 1 : (__mmask64(1) << bytes) - 1;
+  for (int r = r0; r < r1; ++r) {
     // A row past `end` has mask 0: its expansion is zeros, whatever the load reads (row0 < end).
-    const int64_t row = row0 + r < end ? row0 + r : row0;
+    const bool real = row0 + r < end;
+    const int64_t row = real ? row0 + r : row0;
+    alignas(64) uint32_t masks[16];
+    _mm512_store_si512(masks, real ? expand_masks(_mm512_maskz_loadu_epi8(load, a.meta + row * a.meta_stride + 4 * s0))
+                                   : _mm512_setzero_si512());
     const uint16_t* values = static_cast<const uint16_t*>(a.values) + row * kept;
-    // The row's next 16 steps (512 bytes of values, 64 of metadata), for the next call: 32 rows
-    // 4 KiB or more apart are more streams than the hardware prefetchers follow.
+    // The row's next chunk (256 bytes of values, 32 of metadata), for the next call: 32 rows 4 KiB
+    // or more apart are more streams than the hardware prefetchers follow.
     if (s1 < steps) {
-      for (int line = 0; line < 8; ++line) _mm_prefetch(reinterpret_cast<const char*>(values + 16 * s1) + 64 * line, _MM_HINT_T0);
+      for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(values + 16 * s1) + 64 * line, _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(a.meta + row * a.meta_stride + 4 * s1), _MM_HINT_T0);
     }
     for (int64_t s = s0; s < s1; ++s) {
@@ -84,7 +83,7 @@ void expand_steps(const Args& a, int64_t row0, int64_t end, int64_t steps, int64
                              : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 16 * s));
       const __mmask32 columns = tail ? __mmask32((1u << (4 * tail_groups)) - 1u) : ~__mmask32(0);
       uint16_t* out = chunk + ((r / kTile) * kChunk + s - s0) * kTileElems + (r % kTile) * kStep;
-      _mm512_store_si512(out, _mm512_maskz_expand_epi16(masks[r][s - s0] & columns, _mm512_castsi256_si512(v)));
+      _mm512_store_si512(out, _mm512_maskz_expand_epi16(masks[s - s0] & columns, _mm512_castsi256_si512(v)));
     }
   }
 }
@@ -121,12 +120,16 @@ void gemm_2of4_bf16_amx(const Args& a, const uint16_t* panel, void* scratch, int
   }
   _tile_loadconfig(&config);
   const int64_t steps = (a.k + kStep - 1) / kStep, token_blocks = (a.m_rows + kTile - 1) / kTile;
-  uint16_t* chunk = static_cast<uint16_t*>(scratch);  // [2][kChunk] A tiles
-  float* c = reinterpret_cast<float*>(chunk + 2 * kChunk * kTileElems);  // [token block][2][16][16]
+  // Two chunks of [2][kChunk] A tiles: the tiles multiply one while the vector units expand the
+  // next, a few rows per tile step, so that both run at once.
+  uint16_t* chunks[2] = {static_cast<uint16_t*>(scratch), static_cast<uint16_t*>(scratch) + 2 * kChunk * kTileElems};
+  float* c = reinterpret_cast<float*>(chunks[1] + 2 * kChunk * kTileElems);  // [token block][2][16][16]
   for (int64_t row0 = begin; row0 < end; row0 += 2 * kTile) {
-    for (int64_t s0 = 0; s0 < steps; s0 += kChunk) {
-      const int64_t s1 = s0 + kChunk < steps ? s0 + kChunk : steps;
-      expand_steps(a, row0, end, steps, s0, s1, chunk);
+    expand_rows(a, row0, end, steps, 0, kChunk < steps ? kChunk : steps, 0, 2 * kTile, chunks[0]);
+    for (int64_t s0 = 0, current = 0; s0 < steps; s0 += kChunk, current ^= 1) {
+      // Only the last chunk may be short, and it has no next one to expand.
+      const int64_t s1 = s0 + kChunk < steps ? s0 + kChunk : steps, s2 = s1 + kChunk < steps ? s1 + kChunk : steps;
+      const uint16_t* chunk = chunks[current];
       for (int64_t tb = 0; tb < token_blocks; tb += 2) {  // two token tiles at a time
         const bool two = tb + 1 < token_blocks;
         float* c0 = c + tb * 2 * kTile * kTile;  // then c0 + 256: rows 16-31; c0 + 512, + 768: tb + 1
@@ -155,6 +158,10 @@ void gemm_2of4_bf16_amx(const Args& a, const uint16_t* panel, void* scratch, int
             _tile_loadd(7, b1 + s * kTileElems, 64);
             _tile_dpbf16ps(2, 4, 7);
             _tile_dpbf16ps(3, 5, 7);
+          }
+          if (tb == 0 && s1 < s2) {
+            const int r0 = int(s - s0) * kRowsPerStep;
+            expand_rows(a, row0, end, steps, s1, s2, r0, r0 + kRowsPerStep, chunks[current ^ 1]);
           }
         }
         _tile_stored(0, c0, 64);
