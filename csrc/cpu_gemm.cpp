@@ -222,8 +222,9 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
   }
 #if NXM_X86_KERNELS
   if (amx) {
-    // x packed into B tiles once (threads over token blocks), then threads over 32-row weight blocks,
-    // each expanding its weight into its own scratch.
+    // x packed into B tiles once, on this thread (M x K copies: one parallel region less, which
+    // matters more where the CPUs are shared), then threads over 32-row weight blocks, each
+    // expanding its weight into its own scratch.
     const at::Tensor xb = x.stride(1) == 1 || cols <= 1 ? x : x.contiguous();
     const int64_t steps = (cols + 31) / 32, token_blocks = (rows + 15) / 16;
     at::Tensor panel = at::empty({token_blocks * steps * 512}, x.options());
@@ -232,9 +233,7 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
     const auto* xp = reinterpret_cast<const uint16_t*>(xb.const_data_ptr<at::BFloat16>());
     auto* pp = reinterpret_cast<uint16_t*>(panel.mutable_data_ptr<at::BFloat16>());
     auto* sp = scratch.mutable_data_ptr<uint8_t>();
-    at::parallel_for(0, token_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t block = begin; block < end; ++block) cpu_gemm::pack_x_bf16_amx(xp, xb.stride(0), rows, cols, block, pp);
-    });
+    for (int64_t block = 0; block < token_blocks; ++block) cpu_gemm::pack_x_bf16_amx(xp, xb.stride(0), rows, cols, block, pp);
     at::parallel_for(0, (out_features + 31) / 32, grain_blocks(rows, cols, n, m, 32), [&](int64_t begin, int64_t end) {
       cpu_gemm::gemm_2of4_bf16_amx(args, pp, sp + at::get_thread_num() * scratch_bytes, 32 * begin,
                                    std::min(32 * end, out_features));
