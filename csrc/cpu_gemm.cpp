@@ -199,7 +199,7 @@ at::Tensor run_gemm(const at::Tensor& x, const at::Tensor& values, const at::Ten
   }
   const Isa isa = requested_isa();
   const bool amx = NXM_X86_KERNELS && isa == Isa::kAmx && t == at::kBFloat16 && code_bits == 0 && n == 2 && m == 4 &&
-                   rows >= kAmxMinRows;
+                   rows >= kAmxMinRows && cols > 0;
 
   // x in fp32 with unit column stride: the kernels read it many times, the conversion costs one pass.
   // (The AMX kernel packs the bf16 x into tiles instead.)

@@ -149,6 +149,16 @@ def test_strided_and_batched_x_through_sparse_mm(isa, dtype):
         check(nxm.sparse_mm(x, sw, None, backend="native"), x.contiguous(), sw, None)
 
 
+@pytest.mark.parametrize("dtype", GEMM_DTYPES, ids=str)
+def test_no_in_features_gives_the_bias(isa, dtype):
+    values, metadata = torch.empty(40, 0, dtype=dtype), torch.empty(40, 0, dtype=torch.uint8)
+    bias = torch.randn(40).to(dtype)
+    for rows in (1, 6, 20):
+        x = torch.empty(rows, 0, dtype=dtype)
+        assert torch.equal(torch.ops.nxm.sparse_mm_packed(x, values, metadata, bias, 2, 4), bias.expand(rows, 40))
+        assert torch.equal(torch.ops.nxm.sparse_mm_packed(x, values, metadata, None, 2, 4), torch.zeros(rows, 40, dtype=dtype))
+
+
 def test_empty_x_and_opcheck():
     sw = nxm.compress(torch.randn(8, 64), "2:4", layout="packed")
     assert native_mm(torch.randn(0, 64), sw).shape == (0, 8)
