@@ -5,8 +5,9 @@
 //
 // The AVX-512 kernel (cpu_transposable_avx512.cpp) settles 8 blocks at a time with exact integer
 // sums; the blocks it cannot settle (scores spanning more than 2**48 with bits below that range, a
-// ragged end of a row), and every block on other CPUs, take the scalar path here: the same
-// integers, truncated, pick the candidates within the truncation error of the best, and exact sums
+// ragged end of a row), and every block on other CPUs, take the scalar path here: the same integers
+// and the same meet-in-the-middle search (cpu_transposable_tables.h) when they are exact; else,
+// truncated, they pick the candidates within the truncation error of the best, and exact sums
 // (error-free transformations) decide among them.
 // The schema: nxm_kernels/_ops.py.
 #include <ATen/Parallel.h>
@@ -15,6 +16,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -22,16 +24,17 @@
 #include <vector>
 
 #include "cpu_gemm.h"
+#include "cpu_transposable_tables.h"
 #include "op_common.h"
 
 namespace nxm {
 namespace {
 
 using cpu_transposable::Elem;
+using cpu_transposable::kPairs;
 
 // ---------------------------------------------------------------- the 90 masks, by mask number
 
-constexpr int kPairs[6][2] = {{0, 1}, {0, 2}, {0, 3}, {1, 2}, {1, 3}, {2, 3}};  // decreasing row bits
 constexpr int kMasks = 90;
 
 struct MaskTable {
@@ -104,13 +107,36 @@ bool sums_more(const double s[16], int a, int b) {
   return exact_sign(terms, n) > 0;
 }
 
+// The kept bits of the best mask of a block whose scores are the exact integers t (below 2**48):
+// meet in the middle with tie codes, as the AVX-512 kernel does for 8 blocks at once.
+uint16_t best_of_integers(const int64_t t[16]) {
+  using cpu_transposable::kTables;
+  int64_t pair[4][6];
+  for (int row = 0; row < 4; ++row)
+    for (int q = 0; q < 6; ++q)
+      pair[row][q] = (t[4 * row + kPairs[q][0]] + t[4 * row + kPairs[q][1]]) * (int64_t(1) << cpu_transposable::kCodeBits) +
+                     (5 - q) * cpu_transposable::kRowCode[row];
+  int64_t upper[cpu_transposable::kClasses], lower[cpu_transposable::kClasses];
+  for (int i = 0; i < 36; ++i) {
+    const int64_t up = pair[0][i / 6] + pair[1][i % 6], down = pair[2][i / 6] + pair[3][i % 6];
+    int64_t& u = upper[kTables.upper[i]];
+    int64_t& l = lower[kTables.lower[i]];
+    u = kTables.first_upper[i] ? up : std::max(u, up);
+    l = kTables.first_lower[i] ? down : std::max(l, down);
+  }
+  int64_t best = upper[0] + lower[0];
+  for (int c = 1; c < cpu_transposable::kClasses; ++c) best = std::max(best, upper[c] + lower[c]);
+  return kTables.mask[best & ((1 << cpu_transposable::kCodeBits) - 1)];  // (two's complement: the code)
+}
+
 // The kept bits of the best mask of one block, scores s[4 * row + col].
 uint16_t best_mask(const double s[16]) {
   double top = 0;
   for (int e = 0; e < 16; ++e) top = std::max(top, std::abs(s[e]));
   int exponent = 0;
   std::frexp(top, &exponent);  // top < 2**exponent
-  // Integers below 2**48 (sums of 8 below 2**51): exact sums; a truncated entry is off by < 1.
+  // Integers below 2**48 (sums of 8 below 2**51, with tie codes below 2**62): exact sums; a truncated
+  // entry is off by < 1.
   int64_t t[16];
   bool exact = true;
   if (exponent >= -900) {  // both powers of two are normal doubles: multiply (ldexp is a call)
@@ -125,6 +151,7 @@ uint16_t best_mask(const double s[16]) {
       exact = exact && std::ldexp(double(t[e]), exponent - 48) == s[e];
     }
   }
+  if (exact) return best_of_integers(t);
   int64_t pair[4][6];
   for (int row = 0; row < 4; ++row)
     for (int q = 0; q < 6; ++q) pair[row][q] = t[4 * row + kPairs[q][0]] + t[4 * row + kPairs[q][1]];
@@ -135,8 +162,8 @@ uint16_t best_mask(const double s[16]) {
     total[k] = pair[0][q[0]] + pair[1][q[1]] + pair[2][q[2]] + pair[3][q[3]];
     if (total[k] > total[best]) best = k;
   }
-  if (exact) return kMaskTable.bits[best];
-  // Each total is within 8 of its exact (scaled) sum: only masks within 16 of the best can win.
+  // Truncated: each total is within 8 of its exact (scaled) sum, so only masks within 16 of the best
+  // can win.
   TORCH_CHECK(kWideHasRoom || top < 0x1p1000, "nxm::select_2of4t: scores of 2**1000 or more need a build whose long "
               "double is wider than double (e.g. x86-64): scale the scores down");
   int winner = -1;
