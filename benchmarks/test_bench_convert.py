@@ -14,6 +14,7 @@ import torch
 from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
 import nxm_kernels as nxm
+from nxm_kernels.encodings import as_encoding
 from nxm_kernels.layouts import get_layout
 from nxm_kernels.pattern import as_pattern
 
@@ -55,6 +56,8 @@ def test_convert(benchmark, profile, case, backend):
             get_layout(layout).check(dtype, shape, pattern)
         except (ValueError, TypeError) as error:
             pytest.skip(str(error))
+        if reasons := get_layout(layout).encoding_reasons(as_encoding("float")):  # a layout of codes only
+            pytest.skip(reasons[0])
         cases.require_backend(backend, op, w=w, pattern=pattern, layout=layout, scores=None)
         candidate = functools.partial(nxm.compress, w, pattern, layout=layout, backend=backend)
         if layout == "cutlass":

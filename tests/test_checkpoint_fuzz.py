@@ -18,14 +18,15 @@ from nxm_kernels.nn import FLOAT_DTYPES, STORED_LAYOUTS, SparseLinear
 
 COPIES_PER_KIND = 25  # x 4 kinds x each checkpoint of CASES
 KINDS = ("header bit", "data bit", "truncation", "random run")
-QUANTIZED = ("int8", "int4-g32")  # one per quantized encoding kind
-# (layout, encoding, dtype): every stored layout in every float dtype, and every quantized
-# encoding it holds.
-CASES = [(layout, "float", dtype) for layout in STORED_LAYOUTS for dtype in FLOAT_DTYPES] + [
+QUANTIZED = ("int8", "int4-g32", "int4-g64")  # each quantized encoding kind (tiled_q: groups of 64 or more)
+# (layout, encoding, dtype): every stored layout that holds float values in every float dtype, and
+# every quantized encoding it holds.
+CASES = [(layout, "float", dtype) for layout in STORED_LAYOUTS if "float" in get_layout(layout).encodings
+         for dtype in FLOAT_DTYPES] + [
     (layout, encoding, torch.float32)
     for layout in STORED_LAYOUTS
     for encoding in QUANTIZED
-    if as_encoding(encoding).name in get_layout(layout).encodings
+    if not get_layout(layout).encoding_reasons(as_encoding(encoding))
 ]
 
 

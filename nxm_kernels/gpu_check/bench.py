@@ -106,7 +106,7 @@ def bench_w4a16(record: Recorder) -> bool:
     why = w4a16_blocker()
     if why is None:
         try:  # the API may exist before a GPU kernel for it does
-            sw = nxm.compress(w, "2:4", bits=4, group_size=128)
+            sw = nxm.compress(w, "2:4", layout="tiled_q", bits=4, group_size=128)
             dense_w = nxm.decompress(sw)
             nxm.sparse_mm(cases.activations(1, shape[1], torch.float16, "cuda"), sw)
         except (nxm.BackendNotSupported, NotImplementedError, TypeError, ValueError) as error:
