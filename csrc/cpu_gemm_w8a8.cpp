@@ -36,7 +36,8 @@ constexpr const char* kOp = "nxm::sparse_mm_packed_w8a8";
 #endif
 
 // Whether the AVX-512 kernels run: the CPU (and OS) has F, BW, VL, VNNI and VBMI, and NXM_CPU_ISA
-// (read at every call, as by the float GEMM) does not ask for a lower instruction set.
+// (read at every call, as by the float GEMM) does not ask for a lower instruction set ("amx", the
+// float GEMM's top level, has no int8 kernel here: it runs the AVX-512 one).
 bool use_avx512() {
 #if NXM_X86_KERNELS
   static const bool has = [] {
@@ -50,9 +51,10 @@ bool use_avx512() {
 #endif
   const char* env = std::getenv("NXM_CPU_ISA");
   const std::string name = env ? env : "";
-  TORCH_CHECK(name.empty() || name == "auto" || name == "avx512" || name == "avx2" || name == "portable", kOp,
-              ": unknown NXM_CPU_ISA=", name, ": choose auto, avx512, avx2 or portable");
-  return has && (name.empty() || name == "auto" || name == "avx512");
+  const bool top = name.empty() || name == "auto" || name == "amx" || name == "avx512";
+  TORCH_CHECK(top || name == "avx2" || name == "portable", kOp, ": unknown NXM_CPU_ISA=", name,
+              ": choose auto, amx, avx512, avx2 or portable");
+  return has && top;
 }
 
 // A value passed through memory: rounded to its type, so that no multiply-add can be fused across

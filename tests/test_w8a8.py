@@ -203,3 +203,14 @@ def test_errors_name_the_problem():
         op(x, sw.values, sw.metadata, sw.scales, None, 2, 4, 4, 32)
     with cpu_isa("sse9"), pytest.raises(RuntimeError, match="unknown NXM_CPU_ISA=sse9"):
         op(x, sw.values, sw.metadata, sw.scales, None, 2, 4, 8, 32)
+
+
+def test_the_amx_level_runs_the_avx512_kernel():
+    """NXM_CPU_ISA=amx, the float GEMM's top level, is accepted here too: int8 has no AMX kernel,
+    so it runs the AVX-512 one (bit for bit the same as auto)."""
+    sw = nxm.compress(torch.randn(16, 128), "2:4", bits=8)
+    x = torch.randn(5, 128)
+    with cpu_isa("auto"):
+        auto = native_w8a8(x, sw)
+    with cpu_isa("amx"):
+        assert torch.equal(native_w8a8(x, sw), auto)
