@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpu_gemm.h"
+#include "cpu_isa.h"
 #include "op_common.h"
 
 namespace nxm {
@@ -31,12 +32,6 @@ constexpr const char* kOp = "nxm::sparse_mm_block";
 constexpr int kLanes = 16;  // partial sums per dot product
 
 using BlockGemm = cpu_block_gemm::Args;
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NXM_X86_KERNELS 1
-#else
-#define NXM_X86_KERNELS 0
-#endif
 
 // The AVX-512 kernel on CPUs that have it, unless NXM_CPU_ISA (read at every call, as the packed GEMM
 // does) asks for a lower set: this op has no AVX2 kernel, so "avx2" runs the portable one.
@@ -50,9 +45,7 @@ bool use_avx512() {
     return false;
 #endif
   }();
-  const char* env = std::getenv("NXM_CPU_ISA");
-  const std::string name = env ? env : "";
-  return has && name != "portable" && name != "avx2";
+  return has && isa_level::allows(isa_level::Level::kAvx512, kOp);
 }
 
 // The bitmap of block (block_row, block_col); nullptr for a mask number outside the library (only in

@@ -29,28 +29,13 @@
 #endif
 
 #include "cpu_gemm.h"
+#include "cpu_isa.h"
 #include "op_common.h"
 
 namespace nxm {
 namespace {
 
-// The ISA files exist on x86-64 only (setup.py compiles them there, with GCC or Clang).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NXM_X86_KERNELS 1
-#else
-#define NXM_X86_KERNELS 0
-#endif
-
-enum class Isa { kPortable, kAvx2, kAvx512, kAmx };
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::kAmx: return "amx";
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "portable";
-  }
-}
+using Isa = isa_level::Level;
 
 // AMX-TILE, AMX-BF16 and AVX-512 VBMI2 (CPUID leaf 7), and Linux's permission to use the tile state,
 // which a process must request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA; it fails on
@@ -86,16 +71,11 @@ Isa best_isa() {
 // and benchmarks can compare the kernels of one CPU).
 Isa requested_isa() {
   const Isa best = best_isa();
-  const char* env = std::getenv("NXM_CPU_ISA");
-  const std::string name = env ? env : "";
-  if (name.empty() || name == "auto") return best;
-  for (Isa isa : {Isa::kPortable, Isa::kAvx2, Isa::kAvx512, Isa::kAmx}) {
-    if (name != isa_name(isa)) continue;
-    TORCH_CHECK(isa <= best, "nxm::sparse_mm_packed: NXM_CPU_ISA=", name, " needs CPU features this CPU lacks (it runs ",
-                "up to ", isa_name(best), "): unset NXM_CPU_ISA or choose a lower one");
-    return isa;
-  }
-  TORCH_CHECK(false, "nxm::sparse_mm_packed: unknown NXM_CPU_ISA=", name, ": choose auto, amx, avx512, avx2 or portable");
+  const std::optional<Isa> asked = isa_level::requested("nxm::sparse_mm_packed");
+  if (!asked) return best;
+  TORCH_CHECK(*asked <= best, "nxm::sparse_mm_packed: NXM_CPU_ISA=", isa_level::name(*asked), " needs CPU features this ",
+              "CPU lacks (it runs up to ", isa_level::name(best), "): unset NXM_CPU_ISA or choose a lower one");
+  return *asked;
 }
 
 cpu_gemm::Dtype gemm_dtype(at::ScalarType t) {
@@ -300,7 +280,7 @@ at::Tensor sparse_mm_packed_q_cpu(const at::Tensor& x, const at::Tensor& values,
   return run_gemm(x, values, metadata, bias, n, m, int(bits), scales, group_size, op);
 }
 
-std::string cpu_isa() { return isa_name(best_isa()); }
+std::string cpu_isa() { return isa_level::name(best_isa()); }
 
 }  // namespace
 

@@ -21,19 +21,13 @@
 #include <vector>
 
 #include "cpu_gemm.h"
+#include "cpu_isa.h"
 #include "op_common.h"
 
 namespace nxm {
 namespace {
 
 constexpr const char* kOp = "nxm::sparse_mm_packed_w8a8";
-
-// The ISA file exists on x86-64 only (setup.py compiles it there, with GCC or Clang).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NXM_X86_KERNELS 1
-#else
-#define NXM_X86_KERNELS 0
-#endif
 
 // Whether the AVX-512 kernels run: the CPU (and OS) has F, BW, VL, VNNI and VBMI, and NXM_CPU_ISA
 // (read at every call, as by the float GEMM) does not ask for a lower instruction set ("amx", the
@@ -49,12 +43,7 @@ bool use_avx512() {
 #else
   const bool has = false;
 #endif
-  const char* env = std::getenv("NXM_CPU_ISA");
-  const std::string name = env ? env : "";
-  const bool top = name.empty() || name == "auto" || name == "amx" || name == "avx512";
-  TORCH_CHECK(top || name == "avx2" || name == "portable", kOp, ": unknown NXM_CPU_ISA=", name,
-              ": choose auto, amx, avx512, avx2 or portable");
-  return has && top;
+  return has && isa_level::allows(isa_level::Level::kAvx512, kOp);
 }
 
 // A value passed through memory: rounded to its type, so that no multiply-add can be fused across

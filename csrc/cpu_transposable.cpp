@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_gemm.h"
+#include "cpu_isa.h"
 #include "cpu_transposable_tables.h"
 #include "op_common.h"
 
@@ -232,12 +233,6 @@ void settle_block(const cpu_transposable::Args& a, int64_t block_row, int64_t b)
 
 // ---------------------------------------------------------------- instruction sets
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define NXM_X86_KERNELS 1
-#else
-#define NXM_X86_KERNELS 0
-#endif
-
 bool has_avx512() {
   static const bool has = [] {
 #if NXM_X86_KERNELS
@@ -254,10 +249,7 @@ bool has_avx512() {
 // The AVX-512 kernel unless NXM_CPU_ISA (read at every call, as the GEMM does) asks for a lower set:
 // this op has no AVX2 kernel, so "avx2" runs the scalar path.
 bool use_avx512() {
-  const char* env = std::getenv("NXM_CPU_ISA");
-  const std::string name = env ? env : "";
-  if (name == "portable" || name == "avx2") return false;
-  return has_avx512();
+  return has_avx512() && isa_level::allows(isa_level::Level::kAvx512, "nxm::select_2of4t");
 }
 
 // ---------------------------------------------------------------- the op

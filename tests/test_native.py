@@ -274,3 +274,17 @@ def test_cuda_cutlass_matches_cpu(dtype, pattern):
             want = nxm.compress(w, pattern, "cutlass", scores, **NATIVE)
             assert same_bits(got.values.cpu(), want.values) and same_bits(got.metadata.cpu(), want.metadata)
             assert same_bits(nxm.decompress(got, **NATIVE).cpu(), nxm.decompress(want, **NATIVE))
+
+
+def test_every_cpu_op_refuses_an_unknown_instruction_set(monkeypatch):
+    """One NXM_CPU_ISA steers every CPU op (csrc/cpu_isa.h): a name none knows is refused by each,
+    naming the op, rather than silently running some kernel."""
+    w = torch.randn(16, 64)
+    sw = nxm.compress(w, "8:4x4", layout="block")
+    monkeypatch.setenv("NXM_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="nxm::select_2of4t: unknown NXM_CPU_ISA=sse9: choose auto, amx"):
+        torch.ops.nxm.select_2of4t(w, None, True)
+    with pytest.raises(RuntimeError, match="nxm::sparse_mm_block: unknown NXM_CPU_ISA=sse9"):
+        nxm.sparse_mm(torch.randn(2, 64), sw, backend="native")
+    with pytest.raises(RuntimeError, match="nxm::sparse_mm_packed: unknown NXM_CPU_ISA=sse9"):
+        nxm.sparse_mm(torch.randn(2, 64), nxm.compress(w, "2:4", layout="packed"), backend="native")
