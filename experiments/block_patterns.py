@@ -79,7 +79,7 @@ def write(path: Path, record: dict) -> None:
     partial.write_text(json.dumps(record, indent=1) + "\n")
     partial.replace(path)
     lines = [f"# Block patterns ({record['task']}, {record['protocol']['train_size']} training sentences)", "",
-             f"`{record['command']}`", "",
+             *(f"`{c}`" for c in record["commands"]), "",
              "| kind | method | accuracy | retention | agreement with magnitude | per seed | exact | minutes |",
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
@@ -116,9 +116,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
     record = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    command = " ".join(shlex.quote(a) for a in ["python", "experiments/block_patterns.py", *(argv or sys.argv[1:])])
     record.update(task="quick" if args.quick else args.task, library=LIBRARY,
-                  command=" ".join(shlex.quote(a) for a in ["python", "experiments/block_patterns.py", *sys.argv[1:]]),
                   protocol={k: v for k, v in vars(cfg).items() if k not in ("plan", "pattern")})
+    record["commands"] = list(dict.fromkeys([*record.get("commands", [record.get("command")] if "command" in record
+                                                         else []), command]))  # each run that added rows
+    record.pop("command", None)
     done = {(r["kind"], r["method"], r["seed"]) for r in record["runs"]}
     protocol = Protocol(*inputs, cfg, quiet=args.quiet)
     for seed in (int(s) for s in args.seeds.split(",")):
