@@ -81,3 +81,12 @@ class TinyTransformerNames(torch.nn.Module):
         for block in self.blocks:
             h = h + block["down"](torch.nn.functional.gelu(block["up"](h)))
         return self.classifier(torch.tanh(self.pooler(h)))
+
+
+@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
+def threads(request):
+    """Runs a test at 1 and at 2 torch threads (the CPU kernels split output rows over threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

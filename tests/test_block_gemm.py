@@ -105,14 +105,6 @@ def isa(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("kind", KINDS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_block_gemm_is_exact(kind, dtype, isa):

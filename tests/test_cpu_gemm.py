@@ -33,14 +33,6 @@ def isa(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=[1, 2], ids=["threads1", "threads2"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def native_mm(x, sw, bias=None):
     return torch.ops.nxm.sparse_mm_packed(x, sw.values, sw.metadata, bias, sw.pattern.n, sw.pattern.m)
 
