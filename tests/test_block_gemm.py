@@ -44,13 +44,18 @@ def triton_backend():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_block_gemm_is_exact(kind, dtype):
     triton_backend()
+    assert_exact_against_reference(kind, dtype, "triton")
+
+
+def assert_exact_against_reference(kind, dtype, backend):
+    """``backend``'s block GEMM equals the reference's bit for bit, with and without bias, on exact
+    operands: N spans two 32-row tiles with a ragged one, K two 32-column steps with a ragged one."""
     pattern = as_pattern(kind)
-    # N spans two 32-row tiles with a ragged one, K two 32-column steps with a ragged one
     grid = (40 // pattern.block[0], 72 // pattern.block[1])
     w, x, bias = exact_operands(pattern, grid, 17, dtype, seed=len(str(kind)))
     sw = nxm.compress(w, pattern, "block")
     for b in (bias, None):
-        y = nxm.sparse_mm(x, sw, b, backend="triton")
+        y = nxm.sparse_mm(x, sw, b, backend=backend)
         assert torch.equal(y, nxm.sparse_mm(x, sw, b, backend="reference")), (kind, dtype, b is None)
 
 
@@ -66,13 +71,7 @@ def test_triton_block_gemm_random_values(kind):
 
 def test_triton_block_gemm_reads_int16_mask_numbers():
     triton_backend()
-    g = torch.Generator().manual_seed(0)
-    masks = torch.stack([torch.randperm(16, generator=g).view(4, 4) < 8 for _ in range(300)]).unique(dim=0)
-    library = nxm.Pattern.library(masks)
-    w, x, bias = exact_operands(library, (4, 6), 5, torch.float16, seed=1)
-    sw = nxm.compress(w, library, "block")
-    assert sw.metadata.dtype == torch.int16 and int(sw.metadata.max()) >= 256
-    assert torch.equal(nxm.sparse_mm(x, sw, bias, backend="triton"), nxm.sparse_mm(x, sw, bias, backend="reference"))
+    assert_reads_int16_mask_numbers("triton")
 
 
 def test_triton_block_gemm_refuses_mismatched_storage():
@@ -108,13 +107,7 @@ def isa(request, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_native_block_gemm_is_exact(kind, dtype, isa):
-    pattern = as_pattern(kind)
-    grid = (40 // pattern.block[0], 72 // pattern.block[1])
-    w, x, bias = exact_operands(pattern, grid, 17, dtype, seed=len(str(kind)))
-    sw = nxm.compress(w, pattern, "block")
-    for b in (bias, None):
-        y = nxm.sparse_mm(x, sw, b, backend="native")
-        assert torch.equal(y, nxm.sparse_mm(x, sw, b, backend="reference")), (kind, dtype, b is None)
+    assert_exact_against_reference(kind, dtype, "native")
 
 
 @pytest.mark.parametrize("kind", ["8:4x4", "4:4x4", LIBRARY], ids=str)
@@ -146,10 +139,15 @@ def test_native_block_gemm_skips_corrupt_mask_numbers_and_refuses_bad_shapes(isa
 
 
 def test_native_block_gemm_reads_int16_mask_numbers(isa):
+    assert_reads_int16_mask_numbers("native")
+
+
+def assert_reads_int16_mask_numbers(backend):
+    """A library of more than 256 masks stores int16 mask numbers; ``backend`` reads them exactly."""
     g = torch.Generator().manual_seed(0)
     masks = torch.stack([torch.randperm(16, generator=g).view(4, 4) < 8 for _ in range(300)]).unique(dim=0)
     library = nxm.Pattern.library(masks)
     w, x, bias = exact_operands(library, (4, 6), 5, torch.float16, seed=1)
     sw = nxm.compress(w, library, "block")
     assert sw.metadata.dtype == torch.int16 and int(sw.metadata.max()) >= 256
-    assert torch.equal(nxm.sparse_mm(x, sw, bias, backend="native"), nxm.sparse_mm(x, sw, bias, backend="reference"))
+    assert torch.equal(nxm.sparse_mm(x, sw, bias, backend=backend), nxm.sparse_mm(x, sw, bias, backend="reference"))
