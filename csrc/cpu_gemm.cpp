@@ -30,6 +30,7 @@
 
 #include "cpu_gemm.h"
 #include "cpu_isa.h"
+#include "packed_indices.h"
 #include "op_common.h"
 
 namespace nxm {
@@ -107,29 +108,14 @@ float weight_at(const cpu_gemm::Args& a, int64_t row, int64_t kept, int64_t s, i
 // product per row of x.
 template <typename Value>
 void gemm_portable(const cpu_gemm::Args& a, int n, int m, int64_t begin, int64_t end) {
-  const int bits = index_bits(m);
-  const uint32_t index_mask = (1u << bits) - 1u;
   const int64_t kept = a.k / m * n;
   std::vector<int64_t> columns(kept);
+  std::vector<uint8_t> valid(kept);
   std::vector<float> w(kept);
   for (int64_t row = begin; row < end; ++row) {
-    const uint8_t* meta = a.meta + row * a.meta_stride;
-    uint32_t pending = 0;
-    int pending_bits = 0;
-    for (int64_t s = 0; s < kept; ++s) {
-      while (pending_bits < bits) {
-        pending |= uint32_t(*meta++) << pending_bits;
-        pending_bits += 8;
-      }
-      const uint32_t index = pending & index_mask;
-      pending >>= bits;
-      pending_bits -= bits;
-      // An index outside the group (only in unchecked corrupt metadata) contributes nothing, as in
-      // decompress_packed; it never reads outside x.
-      const bool valid = index < uint32_t(m);
-      columns[s] = s / n * m + (valid ? index : 0);
-      w[s] = valid ? weight_at<Value>(a, row, kept, s, columns[s]) : 0.0f;
-    }
+    packed_row_columns(a.meta + row * a.meta_stride, kept, n, m, columns.data(), valid.data());
+    // a corrupt index contributes nothing, as in decompress_packed
+    for (int64_t s = 0; s < kept; ++s) w[s] = valid[s] ? weight_at<Value>(a, row, kept, s, columns[s]) : 0.0f;
     const float b = a.bias ? a.bias[row] : 0.0f;
     for (int64_t i = 0; i < a.m_rows; ++i) {
       const float* x = a.x + i * a.x_stride;

@@ -22,6 +22,7 @@
 
 #include "cpu_gemm.h"
 #include "cpu_isa.h"
+#include "packed_indices.h"
 #include "op_common.h"
 
 namespace nxm {
@@ -85,28 +86,15 @@ void quantize_rows_portable(const float* x, int64_t x_stride, int64_t k, int64_t
 
 // Steps 2-3, portable, any n:m: output rows [begin, end) into y (fp32).
 void gemm_portable(const cpu_gemm::W8A8Args& a, int n, int m, int64_t begin, int64_t end) {
-  const int bits = index_bits(m);
-  const uint32_t index_mask = (1u << bits) - 1u;
   const int64_t kept = a.k / m * n;
   // kept values per scale group (group_size is a multiple of m); one group without one
   const int64_t group_kept = a.group_size > 0 ? a.group_size / m * n : std::max<int64_t>(kept, 1);
   std::vector<int64_t> columns(kept);
+  std::vector<uint8_t> valid(kept);
   std::vector<int32_t> codes(kept);
   for (int64_t row = begin; row < end; ++row) {
-    const uint8_t* meta = a.meta + row * a.meta_stride;
-    uint32_t pending = 0;
-    int pending_bits = 0;
+    packed_row_columns(a.meta + row * a.meta_stride, kept, n, m, columns.data(), valid.data());
     for (int64_t s = 0; s < kept; ++s) {
-      while (pending_bits < bits) {
-        pending |= uint32_t(*meta++) << pending_bits;
-        pending_bits += 8;
-      }
-      const uint32_t index = pending & index_mask;
-      pending >>= bits;
-      pending_bits -= bits;
-      // An index outside the group (only in unchecked corrupt metadata) contributes nothing.
-      const bool valid = index < uint32_t(m);
-      columns[s] = s / n * m + (valid ? index : 0);
       int code;
       if (a.code_bits == 8) {
         code = static_cast<const int8_t*>(a.values)[row * kept + s];
@@ -114,7 +102,7 @@ void gemm_portable(const cpu_gemm::W8A8Args& a, int n, int m, int64_t begin, int
         const uint8_t byte = static_cast<const uint8_t*>(a.values)[row * ((kept + 1) / 2) + s / 2];
         code = (int((s % 2 ? byte >> 4 : byte) & 0xF) ^ 8) - 8;
       }
-      codes[s] = valid ? code : 0;
+      codes[s] = valid[s] ? code : 0;  // a corrupt index contributes nothing
     }
     const int64_t groups = a.group_size > 0 ? (a.k + a.group_size - 1) / a.group_size : 1;
     for (int64_t i = 0; i < a.m_rows; ++i) {
