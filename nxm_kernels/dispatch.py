@@ -242,6 +242,14 @@ def _select(op: str, backend: str | None, inputs: dict, name: str, backends: tup
     raise BackendNotSupported(f"no backend can run {describe(op, inputs)}:\n" + "\n".join(collected))
 
 
+def selection_backend(backend: str | None) -> str | None:
+    """The backend that selects for a compress through ``backend`` (or ``NXM_BACKEND``): that one,
+    or ``auto`` when it implements no selection (cuSPARSELt only stores what was selected)."""
+    name = backend or os.environ.get("NXM_BACKEND")
+    stores_only = {b.name for b in registered_backends() if "compress" in b.ops and "nm_mask" not in b.ops}
+    return "auto" if name in stores_only else backend
+
+
 def run(op: str, backend: str | None, **inputs):
     return getattr(select(op, backend, inputs), op)(**inputs)
 

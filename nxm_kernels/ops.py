@@ -100,7 +100,8 @@ def compress(
         return _compress_transposable(w, pattern, layout, scores, backend)
     values, metadata, own = encoding.compress(
         w, pattern, layout, scores,
-        select=lambda w, scores: dispatch.run("nm_mask", backend, w=w, pattern=pattern, scores=scores),
+        select=lambda w, scores: dispatch.run("nm_mask", dispatch.selection_backend(backend), w=w, pattern=pattern,
+                                              scores=scores),
         store=lambda w, scores: dispatch.run("compress", backend, w=w, pattern=pattern, layout=layout, scores=scores),
     )
     return NMSparseWeight(values, metadata, tuple(w.shape), pattern, layout, check_metadata=False,
@@ -110,7 +111,7 @@ def compress(
 def _compress_transposable(w, pattern, layout, scores, backend) -> NMSparseWeight:
     """W and W^T, each stored as the row pattern with the kind's mask (as scores: the row
     selection then keeps exactly the mask, zeros and -0 included)."""
-    mask = dispatch.run("nm_mask", backend, w=w, pattern=pattern, scores=scores)
+    mask = dispatch.run("nm_mask", dispatch.selection_backend(backend), w=w, pattern=pattern, scores=scores)
     kept = mask.to(torch.float32)
     projected = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
     forward = compress(projected, pattern.row_form, layout, kept, backend=backend)

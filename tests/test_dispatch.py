@@ -36,6 +36,33 @@ def test_explicit_backend_that_cannot_serve_raises(with_refusing_backend):
         nxm.compress(torch.ones(2, 4), "2:4", backend="refuses")
 
 
+class _StoresOnly(dispatch.Backend):
+    """Stores what another backend selected, as cuSPARSELt does."""
+
+    name = "stores-only"
+    ops = frozenset({"compress"})
+
+    def compress(self, **inputs):
+        self.calls = getattr(self, "calls", 0) + 1
+        return dispatch.get_backend("reference").compress(**inputs)
+
+
+@pytest.mark.parametrize("from_env", [False, True])
+def test_a_backend_that_only_stores_leaves_the_selection_to_auto(monkeypatch, from_env):
+    stores = _StoresOnly()
+    backends = (stores,) + dispatch.registered_backends()
+    monkeypatch.setattr(dispatch, "registered_backends", lambda: backends)
+    if from_env:
+        monkeypatch.setenv("NXM_BACKEND", stores.name)
+    w = torch.randn(8, 16)
+    sw = nxm.compress(w, "2:4", bits=8, backend=None if from_env else stores.name)
+    assert stores.calls == 1
+    expected = nxm.compress(w, "2:4", bits=8, backend="reference")
+    assert torch.equal(sw.values, expected.values) and torch.equal(sw.metadata, expected.metadata)
+    with pytest.raises(nxm.BackendNotSupported, match="does not implement nm_mask"):
+        nxm.nm_mask(w, "2:4", backend=stores.name)  # asked directly, it still refuses
+
+
 def test_auto_skips_a_backend_with_reasons(with_refusing_backend):
     inputs = {"w": torch.ones(2, 4), "pattern": nxm.Pattern(2, 4), "scores": None}
     first_that_can = next(
