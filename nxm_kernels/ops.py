@@ -112,10 +112,8 @@ def _compress_transposable(w, pattern, layout, scores, backend) -> NMSparseWeigh
     """W and W^T, each stored as the row pattern with the kind's mask (as scores: the row
     selection then keeps exactly the mask, zeros and -0 included)."""
     mask = dispatch.run("nm_mask", dispatch.selection_backend(backend), w=w, pattern=pattern, scores=scores)
-    kept = mask.to(torch.float32)
-    projected = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
-    forward = compress(projected, pattern.row_form, layout, kept, backend=backend)
-    backward = compress(projected.T.contiguous(), pattern.row_form, layout, kept.T.contiguous(), backend=backend)
+    forward = compress(w, pattern.row_form, layout, mask.to(torch.float32), backend=backend)
+    backward = compress(w.T.contiguous(), pattern.row_form, layout, mask.T.to(torch.float32), backend=backend)
     return NMSparseWeight(forward.values, forward.metadata, tuple(w.shape), pattern, layout, check_metadata=False,
                           values_t=backward.values, metadata_t=backward.metadata)
 
