@@ -98,6 +98,11 @@ def compress(
     layout.check(encoding.element_dtype(w.dtype), w.shape, pattern)
     if pattern.row_form not in (None, pattern):
         return _compress_transposable(w, pattern, layout, scores, backend)
+    return _compress_checked(w, pattern, layout, scores, encoding, backend)
+
+
+def _compress_checked(w, pattern, layout, scores, encoding, backend) -> NMSparseWeight:
+    """``compress`` of a row pattern, its inputs already checked."""
     values, metadata, own = encoding.compress(
         w, pattern, layout, scores,
         select=lambda w, scores: dispatch.run("nm_mask", dispatch.selection_backend(backend), w=w, pattern=pattern,
@@ -112,8 +117,10 @@ def _compress_transposable(w, pattern, layout, scores, backend) -> NMSparseWeigh
     """W and W^T, each stored as the row pattern with the kind's mask (as scores: the row
     selection then keeps exactly the mask, zeros and -0 included)."""
     mask = dispatch.run("nm_mask", dispatch.selection_backend(backend), w=w, pattern=pattern, scores=scores)
-    forward = compress(w, pattern.row_form, layout, mask.to(torch.float32), backend=backend)
-    backward = compress(w.T.contiguous(), pattern.row_form, layout, mask.T.to(torch.float32), backend=backend)
+    rows, encoding = pattern.row_form, from_bits(None, None)
+    forward = _compress_checked(w, rows, layout, mask.to(torch.float32), encoding, backend)
+    backward = _compress_checked(w.T.contiguous(), rows, layout, mask.T.contiguous().to(torch.float32), encoding,
+                                 backend)
     return NMSparseWeight(forward.values, forward.metadata, tuple(w.shape), pattern, layout, check_metadata=False,
                           values_t=backward.values, metadata_t=backward.metadata)
 
