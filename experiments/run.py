@@ -1,7 +1,8 @@
 """The real-model experiment: does ADMM buy accuracy over one-shot pruning at 2:4?
 
-all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes sentence sentiment (``--task sentiment``) or on
-which group of Shakespeare's plays a speech comes from (``--task shakespeare``, 6 labels), 2:4 on
+all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes sentence sentiment (``--task sentiment``), on the
+same sentences plus plot synopses (``--task reviews``, 3 labels) or on which group of
+Shakespeare's plays a speech comes from (``--task shakespeare``, 6 labels), 2:4 on
 all 36 encoder Linears, every method under one protocol (see ``nxm_kernels.harness.Config``),
 several seeds. The defaults are the full protocol; flags shrink it. Each run writes, under
 ``--out`` (experiments/results/): ``<name>.json`` (config, per-seed rows, summary, command,
@@ -216,7 +217,7 @@ def combine(paths, note=""):
     methods = list(dict.fromkeys(m for run in runs for m in run["methods"]))
     results.sort(key=lambda r: (r["seed"], methods.index(r["method"])))
     return {
-        "note": note or " ".join(filter(None, (r.get("note") for r in runs))),
+        "note": note or " ".join(dict.fromkeys(filter(None, (r.get("note") for r in runs)))),  # each note once
         "task": tasks.pop(),
         "complete": True,  # the rows are final; run_section names the (seed, method) cells not run
         "command": "\n".join(r["command"] for r in runs),
