@@ -185,6 +185,9 @@ def test_combine_merges_runs_of_the_same_settings_and_refuses_others(tmp_path):
     assert data["summary"]["magnitude"]["accs"] == [0.7, 0.6, 0.65]
     assert abs(data["summary"]["dense"]["mean"] - 0.85) < 1e-12
     assert data["command"].count("python experiments/run.py") == 2
+    for path, note in ((a, "reduced budget"), (b, "reduced budget")):
+        Path(path).write_text(json.dumps(json.loads(Path(path).read_text()) | {"note": note}))
+    assert run.combine([a, b])["note"] == "reduced budget"  # the same note once
     c = _run_json(tmp_path / "c.json", [0], ["admm[sparse_epochs=0.5]"], [0.75])
     section = "\n".join(run.run_section(run.combine([a, b, c]), "#", "all"))
     assert "Combined from a.json, b.json, c.json. admm[sparse_epochs=0.5] ran on seed 0 only." in section
