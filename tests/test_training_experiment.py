@@ -342,8 +342,8 @@ def test_reviews_task_adds_plot_synopses_to_the_sentiment_split():
     assert len(test_texts) == data.TEST_SIZE and not set(train_texts) & set(test_texts)
     assert harness.count_labels(train_labels, test_labels) == len(data.REVIEW_CATEGORIES) == 3
     # Every sentiment sentence keeps its label: 0 rotten, 1 fresh, as in the 2-label task.
-    sentiment = dict(zip(*harness.load_rotten_tomatoes()[:2]))
-    sentiment.update(zip(*harness.load_rotten_tomatoes()[2:]))
+    sentiment_train, sentiment_train_labels, sentiment_test, sentiment_test_labels = harness.load_rotten_tomatoes()
+    sentiment = dict(zip(sentiment_train + sentiment_test, sentiment_train_labels + sentiment_test_labels))
     labelled = dict(zip(train_texts + test_texts, train_labels + test_labels))
     assert all(labelled[t] == label for t, label in sentiment.items())
     assert sum(label == 2 for label in labelled.values()) == len(labelled) - len(sentiment) > 0

@@ -70,12 +70,14 @@ def _rotten_tomatoes(categories: tuple[str, ...]) -> dict[str, int]:
     return seen
 
 
+SENTIMENT_CATEGORIES = ("rotten", "fresh")
+# The sentiment labels first, so that a sentence has the same label in both tasks.
+REVIEW_CATEGORIES = (*SENTIMENT_CATEGORIES, "plot")
+
+
 def load_rotten_tomatoes():
     """``(train_texts, train_labels, test_texts, test_labels)`` with the fixed split above."""
-    return _split(_rotten_tomatoes(("rotten", "fresh")))
-
-
-REVIEW_CATEGORIES = ("rotten", "fresh", "plot")
+    return _split(_rotten_tomatoes(SENTIMENT_CATEGORIES))
 
 
 def load_reviews():
