@@ -119,9 +119,7 @@ def main(argv=None):
     command = " ".join(shlex.quote(a) for a in ["python", "experiments/block_patterns.py", *(argv or sys.argv[1:])])
     record.update(task="quick" if args.quick else args.task, library=LIBRARY,
                   protocol={k: v for k, v in vars(cfg).items() if k not in ("plan", "pattern")})
-    record["commands"] = list(dict.fromkeys([*record.get("commands", [record.get("command")] if "command" in record
-                                                         else []), command]))  # each run that added rows
-    record.pop("command", None)
+    record["commands"] = list(dict.fromkeys([*record.get("commands", []), command]))  # each run that added rows
     done = {(r["kind"], r["method"], r["seed"]) for r in record["runs"]}
     protocol = Protocol(*inputs, cfg, quiet=args.quiet)
     for seed in (int(s) for s in args.seeds.split(",")):
